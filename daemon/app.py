@@ -1,0 +1,50 @@
+"""The one place that wires model, store and (later) streams together from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daemon.config import AdmissionOverrides, Settings
+from model.admission import Thresholds, calibrate
+from model.bundle import Bundle, load_bundle
+from model.errors import ConfigError
+from model.predictor import Predictor
+from model.store.base import ExemplarStore
+from model.store.edge import EdgeStore
+
+
+@dataclass
+class Loaded:
+    """A bundle with its open store and a ready predictor; close() when done."""
+
+    bundle: Bundle
+    store: ExemplarStore
+    predictor: Predictor
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def effective_thresholds(bundle: Bundle, overrides: AdmissionOverrides) -> Thresholds:
+    """Calibrated thresholds of the bundle with the operator's overrides applied."""
+    t = bundle.thresholds
+    if overrides.alpha is not None and overrides.alpha != t.alpha:
+        t = calibrate(bundle.calibration, bundle.info.labels, overrides.alpha, t.k,
+                      t.near_duplicate, t.confidence)
+    try:
+        return t.with_overrides(
+            q_min=overrides.q_min, tau=overrides.tau or None, margin=overrides.margin or None,
+            near_duplicate=overrides.near_duplicate,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"EXEMPLAR_ADMISSION__*: {exc}") from None
+
+
+def load(settings: Settings, model_dir: str | None = None, batch_size: int = 64) -> Loaded:
+    """Load the bundle at ``model_dir`` (default: settings) with its embedded store."""
+    bundle = load_bundle(model_dir or settings.model_dir)
+    thresholds = effective_thresholds(bundle, settings.admission)
+    store = EdgeStore(bundle.store_path)
+    predictor = Predictor(bundle.network, bundle.tokenizer, store, thresholds,
+                          bundle.info.version, batch_size=batch_size)
+    return Loaded(bundle, store, predictor)

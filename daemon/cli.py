@@ -1,0 +1,271 @@
+"""The ``exemplar`` command line.
+
+Every subcommand turns the project's errors into one line on stderr and exit
+status 2 (1 for anything unexpected, with the traceback, since that is a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Never reach for a model hub: everything this tool loads is on local disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from model.errors import ExemplarError  # noqa: E402  (after the offline switches)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _settings() -> Any:
+    from daemon.config import load_settings
+    from daemon.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings.log)
+    return settings
+
+
+# ---------------------------------------------------------------- data
+def cmd_data(args: argparse.Namespace) -> int:
+    from model.data import prepare_rotten_tomatoes
+
+    _settings()
+    paths = prepare_rotten_tomatoes(Path(args.cache), Path(args.out), seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.build import BuildOptions, build_bundle
+    from model.data import read_examples
+    from model.network import DEFAULT_ENCODER, NetworkConfig
+    from model.train import TrainOptions
+
+    _settings()
+    train = read_examples(args.data, require_labels=True)
+    calib = read_examples(args.calib, require_labels=True) if args.calib else None
+    network = NetworkConfig(
+        labels=("_", "__"),  # replaced by the labels found in the data
+        encoder=args.base_model or DEFAULT_ENCODER,
+        num_layers=args.layers,
+        num_filters=args.filters,
+        max_length=args.max_length,
+        fine_tune_encoder=args.fine_tune_encoder,
+    )
+    options = BuildOptions(
+        alpha=args.alpha,
+        k=args.k,
+        confidence=args.confidence,
+        store_text=not args.no_store_text,
+        network=network,
+        train=TrainOptions(max_epochs=args.epochs, seed=args.seed,
+                           progress=sys.stderr.isatty() and not args.quiet),
+    )
+    build_bundle(train, Path(args.out), calib, options, say=_say)
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from daemon.app import load
+    from model.data import read_examples
+    from model.evaluate import evaluate, format_report, plot_risk_coverage
+
+    settings = _settings()
+    examples = read_examples(args.data)
+    loaded = load(settings, args.model)
+    try:
+        threshold = loaded.bundle.info.baseline.get("softmax_threshold")
+        if settings.admission.alpha is not None:
+            threshold = _recalibrated_softmax(loaded.bundle, settings.admission.alpha)
+        report, curves = evaluate(loaded.predictor, examples, threshold)
+    finally:
+        loaded.close()
+    report["data"] = str(args.data)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"report: {args.json}")
+    if args.plot:
+        if curves:
+            plot_risk_coverage(curves, report["alpha"], Path(args.plot),
+                               f"risk-coverage: {Path(args.data).name}")
+            print(f"plot: {args.plot}")
+        else:
+            _say("no labelled rows: nothing to plot")
+    return 0
+
+
+def _recalibrated_softmax(bundle: Any, alpha: float) -> float | None:
+    import math
+
+    from model.admission import calibrate_softmax_threshold
+
+    stats = bundle.calibration
+    # the stored margin is top1 - top2; the baseline needs top1, which for two
+    # classes is (1 + margin) / 2. For K > 2 the stored stats cannot recover it.
+    if len(bundle.info.labels) != 2:
+        return bundle.info.baseline.get("softmax_threshold")
+    top1 = [(1 + m) / 2 for m in stats.margin]
+    ok = [p == g for p, g in zip(stats.predicted, stats.gold, strict=True)]
+    t = calibrate_softmax_threshold(top1, ok, alpha, bundle.thresholds.confidence)
+    return None if math.isinf(t) else t
+
+
+# ---------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    from daemon.app import load
+    from daemon.render import render_explanation
+
+    settings = _settings()
+    text = " ".join(args.text).strip()
+    if not text:
+        raise_data("explain needs a non-empty text")
+    loaded = load(settings, args.model)
+    try:
+        pred = loaded.predictor.predict([text]).predictions[0]
+    finally:
+        loaded.close()
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(render_explanation(text, pred, loaded.predictor.version, as_json=args.json,
+                             colour=colour, top=args.nearest))
+    return 0
+
+
+def raise_data(message: str) -> None:
+    from model.errors import DataError
+
+    raise DataError(message)
+
+
+# ---------------------------------------------------------------- index
+def cmd_index(args: argparse.Namespace) -> int:
+    from daemon.app import load
+    from model.data import read_examples
+    from model.errors import DataError
+    from model.store.base import Exemplar
+
+    settings = _settings()
+    examples = read_examples(args.data, require_labels=True)
+    loaded = load(settings, args.model)
+    try:
+        labels = loaded.predictor.labels
+        unknown = sorted({str(e.label) for e in examples} - set(labels))
+        if unknown:
+            raise DataError(f"{args.data}: labels {unknown} are unknown to the model "
+                            f"(it knows {labels})")
+        fwd = loaded.predictor.forward([e.text for e in examples], explain=False)
+        predicted = fwd.probs.argmax(axis=1)
+        loaded.store.upsert([
+            Exemplar(id=e.id, vector=fwd.exemplars[i], label=str(e.label),
+                     predicted=labels[int(predicted[i])], source=args.source,
+                     text=None if args.no_store_text else e.text)
+            for i, e in enumerate(examples)
+        ])
+        total = loaded.store.count()
+    finally:
+        loaded.close()
+    print(f"indexed {len(examples)} exemplars from {args.data}; support set now {total}")
+    return 0
+
+
+# ---------------------------------------------------------------- config
+def cmd_config(args: argparse.Namespace) -> int:
+    from daemon.config import load_settings, masked
+
+    print(json.dumps(masked(load_settings()), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exemplar",
+        description="Text classification that admits only what its training exemplars support.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="prepare a shipped data set")
+    p.add_argument("name", choices=["rotten-tomatoes"])
+    p.add_argument("--out", default="data/rotten-tomatoes")
+    p.add_argument("--cache", default=".cache/exemplar")
+    p.add_argument("--seed", type=int, default=13)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a model bundle with its support set")
+    p.add_argument("--data", required=True, help="labelled JSONL or CSV")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--calib", help="labelled calibration file (default: a held-out slice)")
+    p.add_argument("--base-model", help="encoder directory (default: all-MiniLM-L6-v2)")
+    p.add_argument("--alpha", type=float, default=0.95, help="target admitted accuracy")
+    p.add_argument("--k", type=int, default=8, help="neighbours retrieved per prediction")
+    p.add_argument("--confidence", type=float, default=0.8,
+                   help="one-sided confidence that calibrated accuracy reaches alpha")
+    p.add_argument("--filters", type=int, default=1000, help="exemplar vector size M")
+    p.add_argument("--layers", type=int, default=2, help="last L encoder layers used")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--fine-tune-encoder", action="store_true")
+    p.add_argument("--no-store-text", action="store_true",
+                   help="keep texts out of the store payload")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="selective-prediction report on a file")
+    p.add_argument("--model", help="bundle directory (default: EXEMPLAR_MODEL_DIR)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a risk-coverage PNG here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("explain", help="explain one prediction")
+    p.add_argument("--model", help="bundle directory (default: EXEMPLAR_MODEL_DIR)")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--nearest", type=int, default=5, help="exemplars to show")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("index", help="add labelled rows to the support set (no retraining)")
+    p.add_argument("--model", help="bundle directory (default: EXEMPLAR_MODEL_DIR)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--source", default="index", choices=["index", "human"],
+                   help="'human' marks rows as reviewed mappings")
+    p.add_argument("--no-store-text", action="store_true")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("config", help="print the effective settings (secrets masked)")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ExemplarError as exc:
+        print(f"exemplar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"exemplar {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""From labelled text to a servable bundle: train, build the support set, calibrate.
+
+Steps, each reported on the terminal:
+
+1. hold out a seeded, stratified dev slice of TRAIN for early stopping (and a
+   calibration slice too when no calibration file is given);
+2. train the network (frozen encoder features cached);
+3. embed every TRAIN row and upsert it into the embedded store as a support
+   exemplar with its true label and the model's own prediction;
+4. on the calibration split: predict, search, and choose the admission thresholds
+   for ``alpha``; calibrate the softmax baseline to the same ``alpha``;
+5. write the bundle (safetensors + JSON) next to its store.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from model.admission import (
+    CalibrationStats,
+    Thresholds,
+    calibrate,
+    calibrate_softmax_threshold,
+    near_duplicate_threshold,
+    trivial_edits,
+)
+from model.bundle import (
+    STORE_DIR,
+    BundleInfo,
+    encoder_fingerprint,
+    fingerprint_texts,
+    save_bundle,
+)
+from model.data import Example, stratified_split
+from model.errors import DataError
+from model.network import ExemplarNetwork, NetworkConfig, load_encoder, resolve_encoder_path
+from model.predictor import Predictor
+from model.store.base import Exemplar
+from model.store.edge import EdgeStore
+from model.train import TrainOptions, seed_everything, train_network
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What ``exemplar train`` controls."""
+
+    alpha: float = 0.95
+    k: int = 8
+    confidence: float = 0.8
+    dev_fraction: float = 0.1
+    calib_fraction: float = 0.15
+    store_text: bool = True
+    network: NetworkConfig | None = None  # labels are filled in from the data
+    train: TrainOptions = TrainOptions()
+
+
+def _check_labels(examples: Sequence[Example], what: str) -> None:
+    missing = [e.id for e in examples if e.label is None]
+    if missing:
+        raise DataError(f"{what}: {len(missing)} rows have no label (first: {missing[0]!r})")
+
+
+def new_version() -> str:
+    """Sortable, unique version id: UTC time plus a short random suffix."""
+    return datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def build_bundle(
+    train: Sequence[Example],
+    out_dir: Path,
+    calib: Sequence[Example] | None = None,
+    options: BuildOptions = BuildOptions(),
+    say: Callable[[str], None] = lambda _msg: None,
+) -> Path:
+    """Train and write a complete bundle into ``out_dir``; returns ``out_dir``."""
+    _check_labels(train, "training data")
+    labels = tuple(sorted({e.label for e in train if e.label is not None}))
+    if len(labels) < 2:
+        raise DataError(f"training data has {len(labels)} label(s); need at least two")
+    seed_everything(options.train.seed)
+    if calib is None:
+        parts = stratified_split(
+            list(train), {"train": 1 - options.calib_fraction, "calib": options.calib_fraction},
+            seed=options.train.seed,
+        )
+        fit_rows, calib = parts["train"], parts["calib"]
+        say(f"no --calib given: held out {len(calib)} of {len(train)} rows for calibration")
+    else:
+        fit_rows = list(train)
+        _check_labels(calib, "calibration data")
+    calib = [e for e in calib if e.label in labels]
+    if not calib:
+        raise DataError("calibration data has no row with a label the training data knows")
+    parts = stratified_split(
+        list(fit_rows), {"fit": 1 - options.dev_fraction, "dev": options.dev_fraction},
+        seed=options.train.seed,
+    )
+    fit, dev = parts["fit"], parts["dev"]
+    index = {lab: i for i, lab in enumerate(labels)}
+
+    base = options.network or NetworkConfig(labels=labels)
+    config = replace(base, labels=labels)
+    encoder, tokenizer = load_encoder(config.encoder)
+    network = ExemplarNetwork(config, encoder)
+    say(f"training on {len(fit)} rows (dev {len(dev)}), labels {list(labels)}, "
+        f"encoder {config.encoder}, {config.num_filters} filters")
+    result = train_network(
+        network, tokenizer,
+        [e.text for e in fit], [index[e.label] for e in fit if e.label is not None],
+        [e.text for e in dev], [index[e.label] for e in dev if e.label is not None],
+        options.train,
+    )
+    say(f"best epoch {result.best_epoch}/{result.epochs_run}: dev accuracy "
+        f"{result.best_dev_accuracy:.4f}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store_path = out_dir / STORE_DIR
+    if store_path.exists():
+        shutil.rmtree(store_path)
+    store = EdgeStore(store_path, dim=config.num_filters)
+    try:
+        predictor = Predictor(network, tokenizer, store, _placeholder(labels, options), "build")
+        support_rows = list(fit_rows)
+        say(f"embedding {len(support_rows)} support exemplars")
+        fwd = predictor.forward([e.text for e in support_rows], explain=False)
+        predicted = fwd.probs.argmax(axis=1)
+        batch = 2048
+        for start in range(0, len(support_rows), batch):
+            store.upsert([
+                Exemplar(
+                    id=e.id, vector=fwd.exemplars[start + i], label=str(e.label),
+                    predicted=labels[int(predicted[start + i])], source="train",
+                    text=e.text if options.store_text else None,
+                )
+                for i, e in enumerate(support_rows[start : start + batch])
+            ])
+        support_accuracy = float(np.mean([
+            labels[int(p)] == e.label for p, e in zip(predicted, support_rows, strict=True)
+        ]))
+
+        say(f"calibrating on {len(calib)} rows for alpha={options.alpha}")
+        cal_fwd = predictor.forward([e.text for e in calib], explain=False)
+        neighbors = store.search(cal_fwd.exemplars, options.k)
+        cal_pred = [labels[int(i)] for i in cal_fwd.probs.argmax(axis=1)]
+        top2 = np.sort(cal_fwd.probs, axis=1)[:, -2:]
+        stats = CalibrationStats.build(
+            cal_pred, [str(e.label) for e in calib], top2[:, 1] - top2[:, 0], neighbors
+        )
+        near_dup = _near_duplicate(predictor, calib, cal_fwd.exemplars, stats)
+        thresholds = calibrate(
+            stats, labels, options.alpha, options.k, near_dup, options.confidence
+        )
+        correct = np.asarray(cal_pred) == np.asarray([e.label for e in calib])
+        softmax_t = calibrate_softmax_threshold(
+            top2[:, 1], correct, options.alpha, options.confidence
+        )
+    finally:
+        store.close()
+
+    admitted = _calib_coverage(stats, thresholds)
+    info = BundleInfo(
+        version=new_version(),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        network=config,
+        encoder_fingerprint=encoder_fingerprint(resolve_encoder_path(config.encoder)),
+        training={
+            "rows": len(support_rows),
+            "fit_rows": len(fit),
+            "dev_rows": len(dev),
+            "calib_rows": len(calib),
+            "data_fingerprint": fingerprint_texts((e.text, e.label) for e in support_rows),
+            "calib_fingerprint": fingerprint_texts((e.text, e.label) for e in calib),
+            "seed": options.train.seed,
+            "options": {
+                k: v for k, v in vars(options.train).items() if k != "progress"
+            },
+            "history": result.history,
+        },
+        metrics={
+            "dev_accuracy": result.best_dev_accuracy,
+            "dev_loss": result.best_dev_loss,
+            "best_epoch": result.best_epoch,
+            "support_accuracy": support_accuracy,
+            "calib_accuracy": float(correct.mean()),
+            "calib_coverage": admitted,
+        },
+        baseline={"softmax_threshold": None if math.isinf(softmax_t) else softmax_t},
+    )
+    save_bundle(out_dir, info, network, tokenizer, thresholds, stats)
+    say(f"wrote bundle {info.version} to {out_dir} (calibration coverage {admitted:.3f})")
+    return out_dir
+
+
+def _placeholder(labels: Sequence[str], options: BuildOptions) -> Thresholds:
+    """Thresholds used only while building (forward passes never consult them)."""
+    return Thresholds(
+        alpha=options.alpha, k=options.k, q_min=1, tau=dict.fromkeys(labels, None),
+        margin=dict.fromkeys(labels, 0.0), near_duplicate=0.0,
+    )
+
+
+def _near_duplicate(
+    predictor: Predictor, calib: Sequence[Example], vectors: np.ndarray,
+    stats: CalibrationStats, limit: int = 400,
+) -> float:
+    """Calibrate the near-duplicate distance from trivially edited calibration texts."""
+    chosen = list(range(min(limit, len(calib))))
+    originals, edited = [], []
+    for i in chosen:
+        for text in trivial_edits(calib[i].text):
+            originals.append(i)
+            edited.append(text)
+    if not edited:
+        return 1e-6
+    fwd = predictor.forward(edited, explain=False)
+    diffs = np.linalg.norm(fwd.exemplars - vectors[originals], axis=1)
+    return near_duplicate_threshold(diffs, stats.distance)
+
+
+def _calib_coverage(stats: CalibrationStats, t: Thresholds) -> float:
+    """Fraction of calibration rows the chosen thresholds admit."""
+    admitted = 0
+    for pred, m, d, q in zip(stats.predicted, stats.margin, stats.distance, stats.support,
+                             strict=True):
+        tau = t.tau.get(pred)
+        if tau is not None and q >= t.q_min and d <= tau and m >= t.margin.get(pred, 0.0):
+            admitted += 1
+    return admitted / len(stats.predicted)

