@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import structlog
+from prometheus_client import CollectorRegistry
 
 from daemon.config import AdmissionOverrides, Settings
 from model.admission import Thresholds, calibrate
@@ -11,6 +16,10 @@ from model.errors import ConfigError
 from model.predictor import Predictor
 from model.store.base import ExemplarStore
 from model.store.edge import EdgeStore
+from daemon.metrics import DaemonMetrics, serve
+from daemon.worker import PredictorWorker
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -48,3 +57,34 @@ def load(settings: Settings, model_dir: str | None = None, batch_size: int = 64)
     predictor = Predictor(bundle.network, bundle.tokenizer, store, thresholds,
                           bundle.info.version, batch_size=batch_size)
     return Loaded(bundle, store, predictor)
+
+
+def install_stop_handlers(request_stop: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT only ask the loop to stop; the loop does the rest (thin handlers)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_predictor(settings: Settings, registry: CollectorRegistry | None = None) -> int:
+    """`exemplar run`: serve the model in ``settings.model_dir`` until asked to stop."""
+    loaded = load(settings, batch_size=settings.batch.max_size)
+    metrics = DaemonMetrics.create(registry or CollectorRegistry())
+    server = None
+    try:
+        if settings.metrics.enabled:
+            server = serve(metrics, settings.metrics.host, settings.metrics.port)
+            log.info("metrics_listening",
+                     url=f"http://{settings.metrics.host}:{settings.metrics.port}/metrics")
+        worker = PredictorWorker(settings, loaded.predictor, metrics)
+        install_stop_handlers(worker.request_stop)
+        worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+        loaded.close()
+    return 0

@@ -26,11 +26,11 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _settings() -> Any:
+def _settings(**overrides: Any) -> Any:
     from daemon.config import load_settings
     from daemon.logs import configure_logging
 
-    settings = load_settings()
+    settings = load_settings(**overrides)
     configure_logging(settings.log)
     return settings
 
@@ -90,7 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         threshold = loaded.bundle.info.baseline.get("softmax_threshold")
         if settings.admission.alpha is not None:
             threshold = _recalibrated_softmax(loaded.bundle, settings.admission.alpha)
-        report, curves = evaluate(loaded.predictor, examples, threshold)
+        report, curves = evaluate(loaded.predictor, examples, threshold,
+                                  loaded.bundle.calibration)
     finally:
         loaded.close()
     report["data"] = str(args.data)
@@ -190,6 +191,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- run / broker
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.app import run_predictor
+
+    overrides = {"model_dir": Path(args.model)} if args.model else {}
+    settings = _settings(**overrides)
+    return run_predictor(settings)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streams.broker import run_broker
+
+    _settings()
+    return run_broker(host=args.host, port=args.port)
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -247,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'human' marks rows as reviewed mappings")
     p.add_argument("--no-store-text", action="store_true")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("run", help="run the streaming predictor (settings from EXEMPLAR_*)")
+    p.add_argument("--model", help="bundle directory (default: EXEMPLAR_MODEL_DIR)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9092)
+    p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)

@@ -18,7 +18,7 @@ import math
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,7 +46,14 @@ from model.network import ExemplarNetwork, NetworkConfig, load_encoder, resolve_
 from model.predictor import Predictor
 from model.store.base import Exemplar
 from model.store.edge import EdgeStore
-from model.train import TrainOptions, seed_everything, train_network
+from model.train import (
+    CachedFeatures,
+    TrainOptions,
+    cached_outputs,
+    encode_features,
+    seed_everything,
+    train_network,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +69,7 @@ class BuildOptions:
     calib_fraction: float = 0.15
     store_text: bool = True
     network: NetworkConfig | None = None  # labels are filled in from the data
-    train: TrainOptions = TrainOptions()
+    train: TrainOptions = field(default_factory=TrainOptions)
 
 
 def _check_labels(examples: Sequence[Example], what: str) -> None:
@@ -80,10 +87,11 @@ def build_bundle(
     train: Sequence[Example],
     out_dir: Path,
     calib: Sequence[Example] | None = None,
-    options: BuildOptions = BuildOptions(),
+    options: BuildOptions | None = None,
     say: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
     """Train and write a complete bundle into ``out_dir``; returns ``out_dir``."""
+    options = options or BuildOptions()
     _check_labels(train, "training data")
     labels = tuple(sorted({e.label for e in train if e.label is not None}))
     if len(labels) < 2:
@@ -115,11 +123,21 @@ def build_bundle(
     network = ExemplarNetwork(config, encoder)
     say(f"training on {len(fit)} rows (dev {len(dev)}), labels {list(labels)}, "
         f"encoder {config.encoder}, {config.num_filters} filters")
+    fit_texts, dev_texts = [e.text for e in fit], [e.text for e in dev]
+    caches = None
+    if not config.fine_tune_encoder:  # encode once; training and the support set share it
+        opts = options.train
+        caches = (
+            encode_features(network, tokenizer, fit_texts, opts.encode_batch_size,
+                            opts.progress, "encoding train"),
+            encode_features(network, tokenizer, dev_texts, opts.encode_batch_size,
+                            opts.progress, "encoding dev"),
+        )
     result = train_network(
         network, tokenizer,
-        [e.text for e in fit], [index[e.label] for e in fit if e.label is not None],
-        [e.text for e in dev], [index[e.label] for e in dev if e.label is not None],
-        options.train,
+        fit_texts, [index[str(e.label)] for e in fit],
+        dev_texts, [index[str(e.label)] for e in dev],
+        options.train, caches=caches,
     )
     say(f"best epoch {result.best_epoch}/{result.epochs_run}: dev accuracy "
         f"{result.best_dev_accuracy:.4f}")
@@ -131,15 +149,21 @@ def build_bundle(
     store = EdgeStore(store_path, dim=config.num_filters)
     try:
         predictor = Predictor(network, tokenizer, store, _placeholder(labels, options), "build")
-        support_rows = list(fit_rows)
+        support_rows = [*fit, *dev]
         say(f"embedding {len(support_rows)} support exemplars")
-        fwd = predictor.forward([e.text for e in support_rows], explain=False)
-        predicted = fwd.probs.argmax(axis=1)
+        if caches is not None:
+            probs, vectors = cached_outputs(
+                network, CachedFeatures(caches[0].features + caches[1].features,
+                                        caches[0].token_masks + caches[1].token_masks))
+        else:
+            fwd = predictor.forward([e.text for e in support_rows], explain=False)
+            probs, vectors = fwd.probs, fwd.exemplars
+        predicted = probs.argmax(axis=1)
         batch = 2048
         for start in range(0, len(support_rows), batch):
             store.upsert([
                 Exemplar(
-                    id=e.id, vector=fwd.exemplars[start + i], label=str(e.label),
+                    id=e.id, vector=vectors[start + i], label=str(e.label),
                     predicted=labels[int(predicted[start + i])], source="train",
                     text=e.text if options.store_text else None,
                 )

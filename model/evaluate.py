@@ -8,9 +8,11 @@ The baseline is the usual selective classifier a user would build instead: admit
 when the top softmax probability clears one threshold, calibrated at training time
 on the same split to the same ``alpha``.
 
-For AURC the exemplar method ranks predictions by (admitted, q, -distance/tau):
-admission first, then how many true-positive exemplars back the label, then how
-close the nearest is relative to its label's threshold.
+For AURC the exemplar method needs a ranking, not one operating point. The rule
+is recalibrated from the bundle's stored calibration statistics for a ladder of
+alphas; a prediction's score is the highest alpha whose thresholds still admit it
+(ties broken by the softmax margin). The curve therefore traces the family of
+calibrated rules, exactly what an operator moves along by changing alpha.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from model.admission import CalibrationStats, Thresholds, calibrate, decide
 from model.data import Example
 from model.predictor import Prediction, Predictor
 
@@ -49,17 +52,28 @@ def risk_coverage(confidence: npt.ArrayLike, correct: npt.ArrayLike
     return n / ok.size, np.cumsum(~ok[order]) / n
 
 
-def exemplar_confidence(p: Prediction, predictor: Predictor) -> float:
-    """Scalar ranking score consistent with the admission rule (see module docstring)."""
-    t = predictor.thresholds
-    d = p.verdict.distance
-    tau = t.tau.get(p.label)
-    closeness = 0.0
-    if d is not None and tau:
-        closeness = 1.0 - min(d / tau, 4.0) / 4.0
-    elif d is not None:
-        closeness = 1.0 / (1.0 + d)
-    return (1000.0 if p.admitted else 0.0) + p.verdict.support + closeness
+ALPHA_LADDER = tuple(float(a) for a in np.round(np.linspace(0.5, 0.995, 34), 4))
+
+
+def alpha_ladder(stats: CalibrationStats, base: Thresholds, labels: Sequence[str]
+                 ) -> list[Thresholds]:
+    """Thresholds recalibrated for each alpha of the ladder (milliseconds each)."""
+    return [
+        calibrate(stats, labels, a, base.k, base.near_duplicate, base.confidence)
+        for a in ALPHA_LADDER
+    ]
+
+
+def exemplar_scores(preds: Sequence[Prediction], ladder: Sequence[Thresholds]) -> np.ndarray:
+    """Highest ladder alpha that admits each prediction (0 if none), plus a margin tie-break."""
+    scores = np.zeros(len(preds))
+    for i, p in enumerate(preds):
+        level = 0.0
+        for t in ladder:
+            if decide(p.predicted_label, p.margin, p.nearest, t).admitted:
+                level = max(level, t.alpha)
+        scores[i] = level + 1e-3 * p.margin
+    return scores
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -70,9 +84,13 @@ def evaluate(
     predictor: Predictor,
     examples: Sequence[Example],
     softmax_threshold: float | None,
+    calibration: CalibrationStats,
     batch_size: int = 256,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the predictor over ``examples``; returns (report, curves for plotting)."""
+    """Run the predictor over ``examples``; returns (report, curves for plotting).
+
+    ``calibration`` is the bundle's stored calibration statistics (for the AURC ladder).
+    """
     labels = set(predictor.labels)
     preds: list[Prediction] = []
     for start in range(0, len(examples), batch_size):
@@ -101,7 +119,8 @@ def evaluate(
                                         int(adm_known.sum())),
         }
 
-    ex_conf = np.array([exemplar_confidence(p, predictor) for p in preds])
+    ladder = alpha_ladder(calibration, predictor.thresholds, predictor.labels)
+    ex_conf = exemplar_scores(preds, ladder)
     report: dict[str, Any] = {
         "n": n,
         "n_labelled": len(known),

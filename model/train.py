@@ -131,12 +131,19 @@ def train_network(
     dev_labels: Sequence[int],
     options: TrainOptions,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    caches: tuple[CachedFeatures, CachedFeatures] | None = None,
 ) -> TrainResult:
-    """Fit ``network`` in place; keeps the weights of the epoch with the lowest dev loss."""
+    """Fit ``network`` in place; keeps the weights of the epoch with the lowest dev loss.
+
+    ``caches`` (train, dev) skips encoding when the caller already holds the
+    frozen encoder's features.
+    """
     seed_everything(options.seed)
     fine_tune = network.config.fine_tune_encoder
     network.set_encoder_trainable(fine_tune)
-    if not fine_tune:
+    if caches is not None and not fine_tune:
+        train_cache, dev_cache = caches
+    elif not fine_tune:
         train_cache = encode_features(
             network, tokenizer, train_texts, options.encode_batch_size, options.progress,
             "encoding train",
@@ -226,3 +233,22 @@ def train_network(
         best_dev_accuracy=float(best["accuracy"]),
         history=history,
     )
+
+
+@torch.inference_mode()
+def cached_outputs(
+    network: ExemplarNetwork, cache: CachedFeatures, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities [n, K] and exemplar vectors [n, M] from cached features."""
+    network.eval()
+    probs, vectors = [], []
+    for start in range(0, len(cache), batch_size):
+        idx = list(range(start, min(start + batch_size, len(cache))))
+        feats, mask = cache.batch(idx)
+        out = network.head_forward(feats, mask)
+        probs.append(torch.softmax(out.logits.float(), dim=1).numpy())
+        vectors.append(out.exemplar.float().numpy())
+    if not probs:
+        return (np.zeros((0, len(network.config.labels)), np.float32),
+                np.zeros((0, network.config.num_filters), np.float32))
+    return np.concatenate(probs), np.concatenate(vectors)

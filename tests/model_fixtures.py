@@ -73,3 +73,29 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) -> Path:
+    """A trained bundle (tiny random encoder, toy 3-label corpus) with its embedded store."""
+    from model.build import BuildOptions, build_bundle
+    from model.data import Example
+    from model.network import NetworkConfig
+    from model.train import TrainOptions
+
+    rows = toy_corpus(240, seed=11)
+    examples = [Example(r["id"], r["text"], r["label"]) for r in rows]
+    out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
+    options = BuildOptions(
+        alpha=0.9, k=4,
+        network=NetworkConfig(labels=("_", "__"), encoder=str(tiny_encoder), num_filters=32,
+                              max_length=64),
+        train=TrainOptions(max_epochs=25, progress=False, learning_rate=3e-3),
+    )
+    return build_bundle(examples[:180], out, examples[180:], options)
+
+
+def copy_bundle(bundle: Path, target: Path) -> Path:
+    """A private copy (the embedded store allows one process per directory)."""
+    shutil.copytree(bundle, target)
+    return target
