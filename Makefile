@@ -37,12 +37,20 @@ demo: demo-model
 	$(BIN)/exemplar eval --model $(MODEL) --data $(DATA)/test.jsonl --json $(REPORTS)/demo-test.json --plot $(REPORTS)/demo-test.png
 	@echo "== one explanation"
 	$(BIN)/exemplar explain --model $(MODEL) "A gorgeous, heartfelt film with a terrific cast, though it drags a little in the middle."
+	@echo "== the streaming loop: embedded broker, predictor, a few hundred events"
+	$(BIN)/exemplar demo --model $(MODEL) --data $(DATA)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+bench: demo-model
+	$(BIN)/python -m benchmarks.run --model $(MODEL) --data $(DATA)
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run --smoke
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

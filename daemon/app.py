@@ -16,7 +16,8 @@ from model.errors import ConfigError
 from model.predictor import Predictor
 from model.store.base import ExemplarStore
 from model.store.edge import EdgeStore
-from daemon.metrics import DaemonMetrics, serve
+from daemon.http import Health, HttpEndpoint
+from daemon.metrics import DaemonMetrics
 from daemon.worker import PredictorWorker
 
 log = structlog.get_logger(__name__)
@@ -74,17 +75,19 @@ def run_predictor(settings: Settings, registry: CollectorRegistry | None = None)
     """`exemplar run`: serve the model in ``settings.model_dir`` until asked to stop."""
     loaded = load(settings, batch_size=settings.batch.max_size)
     metrics = DaemonMetrics.create(registry or CollectorRegistry())
-    server = None
+    health = Health()
+    endpoint: HttpEndpoint | None = None
     try:
         if settings.metrics.enabled:
-            server = serve(metrics, settings.metrics.host, settings.metrics.port)
-            log.info("metrics_listening",
-                     url=f"http://{settings.metrics.host}:{settings.metrics.port}/metrics")
-        worker = PredictorWorker(settings, loaded.predictor, metrics)
+            endpoint = HttpEndpoint(settings.metrics.host, settings.metrics.port,
+                                    metrics.registry, health)
+            log.info("http_listening", metrics=f"{endpoint.url}/metrics",
+                     health=f"{endpoint.url}/healthz", ready=f"{endpoint.url}/readyz")
+        worker = PredictorWorker(settings, loaded.predictor, metrics, health=health)
         install_stop_handlers(worker.request_stop)
         worker.run()
     finally:
-        if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
+        if endpoint is not None:
+            endpoint.close()
         loaded.close()
     return 0

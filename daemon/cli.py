@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from model.errors import ExemplarError  # noqa: E402  (after the offline switches)
+from model.errors import ExemplarError
 
 
 def _say(message: str) -> None:
@@ -73,7 +73,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         train=TrainOptions(max_epochs=args.epochs, seed=args.seed,
                            progress=sys.stderr.isatty() and not args.quiet),
     )
-    build_bundle(train, Path(args.out), calib, options, say=_say)
+    if not args.register:
+        build_bundle(train, Path(args.out), calib, options, say=_say)
+        return 0
+    from model.registry import Registry
+
+    registry = Registry.create(Path(args.out))
+    staging = registry.new_staging()
+    try:
+        build_bundle(train, staging, calib, options, say=_say)
+        version = registry.commit_staging(staging, {"status": "registered",
+                                                    "source": "exemplar train"})
+    finally:
+        registry.clean_staging()
+    if registry.serving_version() is None:
+        registry.promote(version)
+        registry.update_lifecycle(version, {"status": "promoted", "reason": "first version"})
+        _say(f"registered {version} in {args.out} and made it the serving version")
+    else:
+        _say(f"registered {version} in {args.out} (serving stays "
+             f"{registry.serving_version()}; fine-tuning promotes after a shadow check)")
     return 0
 
 
@@ -193,11 +212,112 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- run / broker
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.app import run_predictor
+    from daemon.lifecycle import run_service
 
-    overrides = {"model_dir": Path(args.model)} if args.model else {}
+    overrides: dict[str, Any] = {"model_dir": Path(args.model)} if args.model else {}
+    if args.role:
+        overrides["role"] = args.role
     settings = _settings(**overrides)
-    return run_predictor(settings)
+    return run_service(settings)
+
+
+# ---------------------------------------------------------------- lifecycle
+def cmd_audit(args: argparse.Namespace) -> int:
+    from daemon.state import LifecycleState
+    from model.registry import state_dir_for
+
+    settings = _settings()
+    model_dir = Path(args.model) if args.model else settings.model_dir
+    state_dir = settings.curator.state_dir or state_dir_for(model_dir)
+    if not (state_dir / "lifecycle.sqlite3").is_file():
+        raise_data(f"{state_dir}: no lifecycle state yet (no decision was ever applied)")
+    state = LifecycleState(state_dir)
+    try:
+        entries = state.audit(limit=args.limit, target_id=args.id)
+    finally:
+        state.close()
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2, ensure_ascii=False))
+        return 0
+    if not entries:
+        print("no changes recorded")
+    for e in entries:
+        change = f"{e.old_label or '-'} -> {e.new_label or '-'}"
+        source = f" (event {e.source_event})" if e.source_event else ""
+        note = f"  # {e.note}" if e.note else ""
+        print(f"{e.seq:>5}  {e.at}  {e.reviewer:<12} {e.action:<8} {e.target_id}  {change}"
+              f"  [{e.old_source or '-'} -> {e.new_source or '-'}]{source}  "
+              f"model {e.model_version}{note}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from model.registry import Registry
+
+    settings = _settings()
+    root = Path(args.model) if args.model else settings.model_dir
+    if args.action == "init":
+        return _models_init(root, args)
+    registry = Registry(root)
+    entries = registry.versions()
+    if args.json:
+        print(json.dumps([
+            {"version": e.version, "status": e.status, "serving": e.serving,
+             "created_at": e.created_at, "metrics": e.metrics, "lifecycle": e.lifecycle}
+            for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"{root}: no versions")
+    for e in entries:
+        mark = "*" if e.serving else " "
+        shadow = e.lifecycle.get("shadow", {}).get("new", {})
+        coverage = shadow.get("coverage_at_alpha", e.metrics.get("calib_coverage"))
+        accuracy = shadow.get("accuracy", e.metrics.get("calib_accuracy"))
+        line = (f"{mark} {e.version}  {e.status:<10} created {e.created_at}  "
+                f"coverage@alpha {_fmt(coverage)}  accuracy {_fmt(accuracy)}")
+        if e.lifecycle.get("reason") and not e.serving:
+            line += f"  ({e.lifecycle['reason']})"
+        print(line)
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
+
+
+def _models_init(root: Path, args: argparse.Namespace) -> int:
+    import shutil
+
+    from model.build import CALIB_ROWS_FILE
+    from model.bundle import fingerprint_texts, read_info
+    from model.data import read_examples, write_jsonl
+    from model.errors import DataError
+    from model.registry import Registry
+
+    if not args.source:
+        raise_data("models init needs --from BUNDLE (the first version)")
+    source = Path(args.source)
+    info = read_info(source)
+    registry = Registry.create(root)
+    staging = registry.new_staging()
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        if args.calib:
+            rows = read_examples(args.calib, require_labels=True)
+            expected = info.training.get("calib_fingerprint")
+            actual = fingerprint_texts((r.text, r.label) for r in rows)
+            if expected and actual != expected:
+                raise DataError(f"{args.calib}: not the calibration data {info.version} was "
+                                "calibrated on (fingerprint differs)")
+            write_jsonl(staging / CALIB_ROWS_FILE, rows)
+        version = registry.commit_staging(staging, {"status": "promoted",
+                                                    "reason": f"imported from {source}"})
+    finally:
+        registry.clean_staging()
+    if registry.serving_version() is None:
+        registry.promote(version)
+    print(f"registry {root}: version {version} (serving {registry.serving_version()})")
+    return 0
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -205,6 +325,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     _settings()
     return run_broker(host=args.host, port=args.port)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    settings = _settings()
+    return run_demo(settings, model_dir=Path(args.model), data_dir=Path(args.data),
+                    events=args.events)
 
 
 # ---------------------------------------------------------------- parser
@@ -240,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-store-text", action="store_true",
                    help="keep texts out of the store payload")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--register", action="store_true",
+                   help="--out is a model registry: add the bundle as a new version "
+                        "(serving when it is the first)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="selective-prediction report on a file")
@@ -265,14 +396,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-store-text", action="store_true")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("run", help="run the streaming predictor (settings from EXEMPLAR_*)")
-    p.add_argument("--model", help="bundle directory (default: EXEMPLAR_MODEL_DIR)")
+    p = sub.add_parser("run", help="run the streaming service (settings from EXEMPLAR_*)")
+    p.add_argument("--model", help="bundle or registry directory (default: EXEMPLAR_MODEL_DIR)")
+    p.add_argument("--role", choices=["predictor", "curator", "all"],
+                   help="what to run (default: EXEMPLAR_ROLE, else all)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("audit", help="list the changes humans made to the support set")
+    p.add_argument("--model", help="bundle or registry directory (default: EXEMPLAR_MODEL_DIR)")
+    p.add_argument("--limit", type=int, default=50, help="newest N entries")
+    p.add_argument("--id", help="only changes of this exemplar / event id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("models", help="list model versions (or init a registry)")
+    p.add_argument("action", nargs="?", choices=["list", "init"], default="list")
+    p.add_argument("--model", help="registry directory (default: EXEMPLAR_MODEL_DIR)")
+    p.add_argument("--from", dest="source", help="init: the bundle that becomes version one")
+    p.add_argument("--calib", help="init: the bundle's calibration file, kept for shadow checks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9092)
     p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("demo", help="the whole streaming loop on an embedded broker")
+    p.add_argument("--model", default="models/rotten-tomatoes", help="bundle directory")
+    p.add_argument("--data", default="data/rotten-tomatoes", help="prepared data directory")
+    p.add_argument("--events", type=int, default=300, help="events to produce")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)

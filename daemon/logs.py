@@ -14,6 +14,16 @@ import structlog
 from daemon.config import LogConfig
 
 
+class _CurrentStderr:
+    """A file-like that always writes to whatever ``sys.stderr`` is right now."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(config: LogConfig) -> None:
     """Route structlog and the stdlib logging of our libraries to stderr."""
     level = getattr(logging, config.level.upper())
@@ -33,11 +43,12 @@ def configure_logging(config: LogConfig) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Look sys.stderr up at write time, not now: it may be swapped (tests, daemons).
+        logger_factory=lambda *_args: structlog.PrintLogger(_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=max(level, logging.WARNING), stream=_CurrentStderr(),
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     # transformers announces every weight it loads; keep the terminal for what matters
     from transformers.utils import logging as hf_logging
 

@@ -12,7 +12,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -110,7 +109,45 @@ class AdmissionWindow:
         return sum(window) / len(window)
 
 
-def serve(metrics: DaemonMetrics, host: str, port: int) -> object:
-    """Start the /metrics HTTP server; returns the server handle (``shutdown()`` it)."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return server
+
+FINETUNE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0, 7200.0)
+
+
+@dataclass
+class LifecycleMetrics:
+    """What the curator exports: decisions, candidates, fine-tune runs, promotions.
+
+    Time since the last promotion is ``time() - exemplar_last_promotion_timestamp_seconds``
+    in PromQL (a timestamp gauge, as Prometheus recommends, rather than an ageing value).
+    """
+
+    decisions: Counter
+    candidates_pending: Gauge
+    finetune_runs: Counter
+    finetune_duration: Histogram
+    last_promotion: Gauge
+    serving_version: Info
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> LifecycleMetrics:
+        r = registry
+        return cls(
+            decisions=Counter("exemplar_decisions_total",
+                              "Human decisions by result (applied or rejected to the dead-letter "
+                              "topic) and action.", ["result", "action"], registry=r),
+            candidates_pending=Gauge("exemplar_candidates_pending",
+                                     "Close admitted events waiting for the next fine-tune.",
+                                     registry=r),
+            finetune_runs=Counter("exemplar_finetune_runs_total",
+                                  "Fine-tune runs by outcome (promoted, rejected, failed).",
+                                  ["outcome"], registry=r),
+            finetune_duration=Histogram("exemplar_finetune_duration_seconds",
+                                        "Wall time of a fine-tune run, start to decision.",
+                                        buckets=FINETUNE_BUCKETS, registry=r),
+            last_promotion=Gauge("exemplar_last_promotion_timestamp_seconds",
+                                 "Unix time of the last promotion of a model version.",
+                                 registry=r),
+            serving_version=Info("exemplar_serving",
+                                 "The version the curator serves (registry pointer).",
+                                 registry=r),
+        )

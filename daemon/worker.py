@@ -30,6 +30,7 @@ from typing import TypeVar
 import structlog
 
 from daemon.config import Settings
+from daemon.http import Health
 from daemon.metrics import AdmissionWindow, DaemonMetrics
 from daemon.retry import Backoff, StopRequested, retry
 from model.errors import StreamError
@@ -132,8 +133,16 @@ class PredictorWorker:
         backoff: Backoff = Backoff(),
         consumer_factory: Callable[[], BatchConsumer] | None = None,
         producer_factory: Callable[[], OutputProducer] | None = None,
+        health: Health | None = None,
+        on_predictions: Callable[[Sequence[tuple[InputEvent, Prediction]], Predictor], None]
+        | None = None,
     ) -> None:
+        """``on_predictions`` sees every batch's predictions before its outputs are sent
+        (the lifecycle state records rejected and close admitted events there); a
+        transient failure in it is retried like the rest of the batch."""
         self.settings = settings
+        self._on_predictions = on_predictions
+        self.health = health or Health()
         self.predictor = predictor
         self.metrics = metrics
         self.backoff = backoff
@@ -148,6 +157,7 @@ class PredictorWorker:
         self._producer: OutputProducer | None = None
         self._window = AdmissionWindow()
         self._pending_predictor: Predictor | None = None
+        self._on_swapped: Callable[[Predictor], None] | None = None
         self._swap_lock = threading.Lock()
         self._last_support_check = 0.0
         self.batches_done = 0
@@ -158,14 +168,24 @@ class PredictorWorker:
         """Ask the loop to finish its batch and stop; safe from a signal handler."""
         self.stop_event.set()
 
-    def swap_predictor(self, predictor: Predictor) -> None:
-        """Serve ``predictor`` from the next batch on (never in the middle of one)."""
+    def swap_predictor(self, predictor: Predictor,
+                       on_swapped: Callable[[Predictor], None] | None = None) -> None:
+        """Serve ``predictor`` from the next batch on (never in the middle of one).
+
+        ``on_swapped(old)`` runs on the loop's thread once no batch uses the old
+        predictor any more (the place to close its store).
+        """
         with self._swap_lock:
             self._pending_predictor = predictor
+            self._on_swapped = on_swapped
 
     # ------------------------------------------------------------ main loop
+    def _set_state(self, state: RunState) -> None:
+        self.state = state
+        self.health.beat(state.value)
+
     def run(self) -> None:
-        self.state = RunState.STARTING
+        self._set_state(RunState.STARTING)
         stop = self.stop_event
         with ExitStack() as stack:
             try:
@@ -180,15 +200,16 @@ class PredictorWorker:
                                        self.backoff, self._count_retry)
                 stack.callback(self._producer.close)
             except StopRequested:
-                self.state = RunState.STOPPED
+                self._set_state(RunState.STOPPED)
                 return
             self._publish_model()
-            self.state = RunState.RUNNING
+            self._set_state(RunState.RUNNING)
             self.metrics.running.set(1)
             log.info("predictor_running", input=self.settings.topics.input,
                      group=self.settings.kafka.group_id, model=self.predictor.version)
             try:
                 while not stop.is_set():
+                    self.health.beat()
                     self._apply_swap()
                     records = retry("poll", lambda: self._poll(), stop, self.backoff,
                                     self._count_retry)
@@ -198,9 +219,9 @@ class PredictorWorker:
             except StopRequested:
                 log.info("stopped_during_retry")
             finally:
-                self.state = RunState.STOPPING
+                self._set_state(RunState.STOPPING)
                 self.metrics.running.set(0)
-        self.state = RunState.STOPPED
+        self._set_state(RunState.STOPPED)
         log.info("predictor_stopped", batches=self.batches_done)
 
     def _poll(self) -> list[ConsumedRecord]:
@@ -231,6 +252,11 @@ class PredictorWorker:
         result = self._with_paused("predict", lambda: predictor.predict(texts))
         for name, seconds in result.timings.items():
             stage.labels(name).observe(seconds)
+        if self._on_predictions is not None:
+            observed = [(event, pred) for (_, event), pred
+                        in zip(events, result.predictions, strict=True)]
+            hook = self._on_predictions
+            self._with_paused("record", lambda: hook(observed, predictor))
 
         outcome = BatchOutcome()
         messages: list[tuple[str, str, object]] = []
@@ -329,6 +355,7 @@ class PredictorWorker:
     # ------------------------------------------------------------ metrics
     def _count_retry(self, operation: str, _exc: BaseException) -> None:
         self.metrics.retries.labels(operation).inc()
+        self.health.beat()  # retrying is progress: alive, and visibly not stuck
 
     def _observe_prediction(self, pred: Prediction) -> None:
         m = self.metrics
@@ -366,7 +393,10 @@ class PredictorWorker:
     def _apply_swap(self) -> None:
         with self._swap_lock:
             pending, self._pending_predictor = self._pending_predictor, None
+            on_swapped, self._on_swapped = self._on_swapped, None
         if pending is not None:
             log.info("model_swapped", old=self.predictor.version, new=pending.version)
-            self.predictor = pending
+            old, self.predictor = self.predictor, pending
             self._publish_model()
+            if on_swapped is not None:
+                on_swapped(old)

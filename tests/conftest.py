@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import structlog
 
-with warnings.catch_warnings():
-    # kafka-python 3.0 loads its protocol schemas at import time through
-    # importlib.resources.read_text/open_text, deprecated since Python 3.11; not ours
-    # to fix, and filterwarnings=error would turn it into a collection error.
-    warnings.filterwarnings(
-        "ignore", message=r"(read|open)_text is deprecated", category=DeprecationWarning
-    )
-    import kafka  # noqa: F401
 
 from streams.broker import EmbeddedBroker
 from streams.config import KafkaConfig, TopicsConfig
+
+# the tiny-encoder and tiny-bundle fixtures, for unit and integration tests alike
+pytest_plugins = ["tests.model_fixtures"]
 
 # Tansu answers a group join after about session_timeout/2 (never under ~1 s), and
 # a stopped broker should fail sends within seconds, not minutes: keep these short.

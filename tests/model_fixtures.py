@@ -14,7 +14,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def make_tiny_encoder(directory: Path, seed: int = 0) -> Path:

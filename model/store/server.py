@@ -4,7 +4,7 @@ For many replicas: every model version gets its own collection, and the replicas
 read through an alias that ``promote`` flips atomically from one version to the
 next. Tests run the same code on ``QdrantClient(":memory:")`` (local mode).
 
-Payload and input checks are shared with the embedded back end (``model.store.edge``)
+Payload and input checks are shared with the embedded back end (``model.store.codec``)
 so both return exactly the same exemplars and distances.
 """
 
@@ -23,7 +23,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from model.errors import ConfigError, ExemplarError, StoreError, StoreUnavailable
 from model.store.base import Exemplar, ExemplarStore, Neighbor, point_uuid
-from model.store.edge import (
+from model.store.codec import (
     INDEXED_KEYS,
     check_exemplars,
     check_k,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from tests.model_fixtures import tiny_encoder, toy_corpus, write_jsonl  # noqa: F401
+from tests.model_fixtures import toy_corpus, write_jsonl
 
 
 @pytest.fixture(scope="module")

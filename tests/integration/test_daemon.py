@@ -32,7 +32,7 @@ from streams.broker import EmbeddedBroker
 from streams.config import KafkaConfig, TopicsConfig
 from streams.kafka import ensure_topics
 from tests.conftest import FAST_KAFKA
-from tests.model_fixtures import copy_bundle, tiny_bundle, tiny_encoder  # noqa: F401
+from tests.model_fixtures import copy_bundle
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "streams" / "schemas"
 OUTPUT_ROLES = ("output", "adjudication", "dead_letter")

@@ -108,7 +108,7 @@ def _synthetic(n: int, seed: int) -> CalibrationStats:
     margin = rng.uniform(0, 1, size=n)
     p_correct = np.clip(1.05 - d * 0.6 - (q == 0) * 0.4 + margin * 0.1, 0, 1)
     correct = rng.uniform(size=n) < p_correct
-    gold = [lab if ok else ("neg" if lab == "pos" else "pos") for lab, ok in zip(labels, correct)]
+    gold = [lab if ok else ("neg" if lab == "pos" else "pos") for lab, ok in zip(labels, correct, strict=True)]
     return CalibrationStats(predicted=list(labels), gold=gold, margin=list(margin),
                             distance=list(d), support=list(q))
 
@@ -116,7 +116,7 @@ def _synthetic(n: int, seed: int) -> CalibrationStats:
 def _admitted_accuracy(stats: CalibrationStats, t: Thresholds) -> tuple[float, float]:
     admitted, correct = 0, 0
     for p, g, m, d, q in zip(stats.predicted, stats.gold, stats.margin, stats.distance,
-                             stats.support):
+                             stats.support, strict=True):
         tau = t.tau[p]
         if tau is not None and q >= t.q_min and d <= tau and m >= t.margin[p]:
             admitted += 1

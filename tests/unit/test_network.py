@@ -18,7 +18,7 @@ from model.network import (
     word_contributions,
 )
 from model.train import TrainOptions, train_network
-from tests.model_fixtures import tiny_encoder, toy_corpus  # noqa: F401  (fixture)
+from tests.model_fixtures import toy_corpus
 
 
 def _network(encoder_dir: Path, labels: tuple[str, ...], filters: int = 24, seed: int = 0
