@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.8,
                    help="one-sided confidence that calibrated accuracy reaches alpha")
     p.add_argument("--filters", type=int, default=1000, help="exemplar vector size M")
-    p.add_argument("--layers", type=int, default=2, help="last L encoder layers used")
+    p.add_argument("--layers", type=int, default=4, help="last L encoder layers used")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text")
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
     p.add_argument("--seed", type=int, default=13)

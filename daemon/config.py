@@ -8,6 +8,9 @@ they receive the sub-config they need from ``daemon.app``.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +63,48 @@ class MetricsConfig(_Frozen):
     port: int = Field(default=9108, ge=0, le=65535)
 
 
+class CuratorConfig(_Frozen):
+    """Lifelong learning: decisions, candidates, scheduled fine-tuning (EXEMPLAR_CURATOR__*).
+
+    A fine-tune runs when, at a check (every ``check_interval_s`` and on ``cron``), at
+    least ``min_candidates`` close admitted events (nearest distance <= ``candidate_ratio``
+    times the label's tau) or ``min_decisions`` human decisions have accumulated since
+    the last run, and ``min_interval_s`` has passed since the last run started. The new
+    version is promoted only if its ``promote_metric`` on the calibration rows is at
+    least the serving version's minus ``tolerance``.
+    """
+
+    candidate_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    min_candidates: int = Field(default=500, ge=1)
+    min_decisions: int = Field(default=50, ge=1)
+    check_interval_s: float = Field(default=300.0, gt=0.0)
+    cron: str | None = Field(default=None, description="crontab line, e.g. '0 3 * * *'")
+    min_interval_s: float = Field(default=3600.0, ge=0.0)
+    promote_metric: Literal["coverage_at_alpha", "accuracy"] = "coverage_at_alpha"
+    tolerance: float = Field(default=0.0, ge=0.0, le=1.0)
+    finetune: bool = Field(default=True, description="false: decisions and candidates only")
+    job_timeout_s: float = Field(default=6 * 3600.0, gt=0.0)
+    max_epochs: int | None = Field(default=None, ge=1)
+    group_id: str | None = Field(default=None, description="default: <kafka group>-curator")
+    pending_ttl_s: float = Field(default=30 * 86400.0, gt=0.0)
+    calib_path: Path | None = Field(
+        default=None, description="calibration rows when the serving bundle has no calib.jsonl")
+    state_dir: Path | None = Field(default=None, description="default: <model_dir>/state")
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"not a crontab line ({exc}); e.g. '0 3 * * *'") from None
+        return value
+
+
 class LogConfig(_Frozen):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -76,12 +121,14 @@ class Settings(BaseSettings):
     )
 
     model_dir: Path = Path("models/current")
+    role: Literal["predictor", "curator", "all"] = "all"
     kafka: KafkaConfig = KafkaConfig()
     topics: TopicsConfig = TopicsConfig()
     admission: AdmissionOverrides = AdmissionOverrides()
     batch: BatchConfig = BatchConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    curator: CuratorConfig = CuratorConfig()
 
     @field_validator("model_dir")
     @classmethod
@@ -93,8 +140,34 @@ def _variable(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
 
 
+def known_variables() -> set[str]:
+    """Every EXEMPLAR_* variable the settings understand (nested one level deep)."""
+    names = set()
+    for name, info in Settings.model_fields.items():
+        names.add(ENV_PREFIX + name.upper())
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            names.update(f"{ENV_PREFIX}{name.upper()}__{f.upper()}" for f in sub.model_fields)
+    return names
+
+
+def _check_unknown(environ: Mapping[str, str]) -> None:
+    """A misspelt variable would be ignored silently; refuse it with a suggestion."""
+    known = known_variables()
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        if any(upper.startswith(k + "__") for k in known):  # deeper nesting, e.g. a dict key
+            continue
+        close = difflib.get_close_matches(upper, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown setting {key}{hint}; `exemplar config` lists them all")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; bad values stop here with the variable to fix."""
+    _check_unknown(os.environ)
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -49,6 +49,10 @@ def configure_logging(config: LogConfig) -> None:
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=_CurrentStderr(),
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    # kafka-python warns "Task ran for …s" whenever the forward pass holds the GIL on a
+    # small machine; that is expected here, not a fault.
+    if level > logging.DEBUG:
+        logging.getLogger("kafka").setLevel(logging.ERROR)
     # transformers announces every weight it loads; keep the terminal for what matters
     from transformers.utils import logging as hf_logging
 

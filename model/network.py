@@ -41,10 +41,10 @@ class NetworkConfig:
 
     labels: tuple[str, ...]
     encoder: str = DEFAULT_ENCODER
-    num_layers: int = 2
+    num_layers: int = 4
     num_filters: int = 1000
     max_length: int = 128
-    dropout: float = 0.1
+    dropout: float = 0.5
     fine_tune_encoder: bool = False
 
     def __post_init__(self) -> None:

@@ -534,3 +534,17 @@ class OutputProducer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def produce_raw(
+    cfg: KafkaConfig, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]
+) -> None:
+    """Send raw key/value pairs and wait for every acknowledgement (tools, demos, tests)."""
+    with _translated(f"producing to {topic!r}"):
+        producer = KafkaProducer(**producer_options(cfg))
+        try:
+            futures = [producer.send(topic, key=k, value=v) for k, v in records]
+            for future in futures:
+                future.get(timeout=cfg.delivery_timeout_ms / 1000)
+        finally:
+            producer.close(timeout=5)

@@ -1,6 +1,6 @@
 """Factories for a tiny, randomly initialised transformer encoder (no download).
 
-The encoder is a real BERT forward pass with a 2-layer, 32-wide config; its
+The encoder is a real BERT forward pass with a 4-layer, 32-wide config; its
 tokenizer is the real WordPiece tokenizer shipped with the default encoder, so
 word offsets and special tokens behave exactly as in production.
 """
@@ -32,7 +32,7 @@ def make_tiny_encoder(directory: Path, seed: int = 0) -> Path:
     config = BertConfig(
         vocab_size=30522,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=4,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
