@@ -38,9 +38,12 @@ class Health:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             age = time.monotonic() - self._beat
-            return {"state": self._state, "last_progress_s": round(age, 3),
-                    "live": age <= self.stall_after_s and self._state != "stopped",
-                    "ready": self._state == "running" and age <= self.stall_after_s}
+            return {
+                "state": self._state,
+                "last_progress_s": round(age, 3),
+                "live": age <= self.stall_after_s and self._state != "stopped",
+                "ready": self._state == "running" and age <= self.stall_after_s,
+            }
 
 
 def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
@@ -63,7 +66,7 @@ def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPReques
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+        def log_message(self, format: str, *args: Any) -> None:
             """Probes hit this every few seconds; keep them out of the logs."""
 
     return Handler
@@ -72,13 +75,14 @@ def _handler(registry: CollectorRegistry, health: Health) -> type[BaseHTTPReques
 class HttpEndpoint:
     """A background HTTP server; ``close()`` stops it."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health
-                 ) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
         self._server = ThreadingHTTPServer((host, port), _handler(registry, health))
         self._server.daemon_threads = True
-        self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="exemplar-http", daemon=True)
+        address = self._server.server_address
+        self.host, self.port = str(address[0]), int(address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="exemplar-http", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -90,7 +94,5 @@ class HttpEndpoint:
         self._server.server_close()
 
 
-def serve(host: str, port: int, registry: CollectorRegistry, health: Health
-          ) -> HttpEndpoint:
+def serve(host: str, port: int, registry: CollectorRegistry, health: Health) -> HttpEndpoint:
     return HttpEndpoint(host, port, registry, health)
-

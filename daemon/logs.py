@@ -44,11 +44,15 @@ def configure_logging(config: LogConfig) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         # Look sys.stderr up at write time, not now: it may be swapped (tests, daemons).
-        logger_factory=lambda *_args: structlog.PrintLogger(_CurrentStderr()),
+        logger_factory=lambda *_args: structlog.PrintLogger(_CurrentStderr()),  # type: ignore[arg-type]  # duck-typed file: write/flush is all PrintLogger uses
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=_CurrentStderr(),
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=max(level, logging.WARNING),
+        stream=_CurrentStderr(),
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     # kafka-python warns "Task ran for …s" whenever the forward pass holds the GIL on a
     # small machine; that is expected here, not a fault.
     if level > logging.DEBUG:

@@ -24,13 +24,18 @@ def explanation_json(text: str, pred: Prediction, version: str, top: int) -> dic
         "scores": pred.scores,
         "margin": pred.margin,
         "nearest": [
-            {"id": n.id, "label": n.label, "predicted": n.predicted, "source": n.source,
-             "distance": n.distance, "text": n.text}
+            {
+                "id": n.id,
+                "label": n.label,
+                "predicted": n.predicted,
+                "source": n.source,
+                "distance": n.distance,
+                "text": n.text,
+            }
             for n in pred.nearest[:top]
         ],
         "words": [
-            {"word": w.word, "score": w.score, "start": w.start, "end": w.end}
-            for w in pred.words
+            {"word": w.word, "score": w.score, "start": w.start, "end": w.end} for w in pred.words
         ],
     }
 
@@ -38,7 +43,7 @@ def explanation_json(text: str, pred: Prediction, version: str, top: int) -> dic
 def _colour_word(word: str, score: float, scale: float) -> str:
     """Green pushes toward the predicted label, red against; brighter = stronger."""
     strength = min(abs(score) / scale, 1.0) if scale > 0 else 0.0
-    level = int(round(strength * 4))
+    level = round(strength * 4)
     if level == 0:
         return word
     palette_up = [None, 194, 157, 120, 46]
@@ -51,17 +56,19 @@ def render_explanation(
     text: str, pred: Prediction, version: str, as_json: bool, colour: bool, top: int = 5
 ) -> str:
     if as_json:
-        return json.dumps(explanation_json(text, pred, version, top), indent=2,
-                          ensure_ascii=False)
+        return json.dumps(explanation_json(text, pred, version, top), indent=2, ensure_ascii=False)
     status = "ADMITTED" if pred.admitted else "ROUTED TO HUMANS"
-    why = (f"by {pred.verdict.admitted_by}" if pred.admitted
-           else "reasons: " + ", ".join(pred.verdict.reasons))
+    why = (
+        f"by {pred.verdict.admitted_by}"
+        if pred.admitted
+        else "reasons: " + ", ".join(pred.verdict.reasons)
+    )
     lines = [
         f"label     : {pred.label}  ({status}; {why})",
         f"model     : {version}; predicted {pred.predicted_label} "
         f"p={pred.scores[pred.predicted_label]:.3f} margin={pred.margin:.3f}",
         f"support   : q={pred.verdict.support} true-positive neighbours, nearest distance "
-        f"{pred.verdict.distance if pred.verdict.distance is None else round(pred.verdict.distance, 4)}",
+        f"{'n/a' if pred.verdict.distance is None else round(pred.verdict.distance, 4)}",
     ]
     scale = max((abs(w.score) for w in pred.words), default=0.0)
     if colour:

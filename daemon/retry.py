@@ -38,7 +38,7 @@ def retry(
     operation: str,
     fn: Callable[[], T],
     stop: threading.Event,
-    backoff: Backoff = Backoff(),
+    backoff: Backoff | None = None,
     on_retry: Callable[[str, BaseException], None] | None = None,
     wait: Callable[[float], None] | None = None,
 ) -> T:
@@ -47,7 +47,7 @@ def retry(
     ``wait`` replaces the plain sleep (the predictor uses it to keep polling its
     paused consumer so the group does not evict it).
     """
-    delay = backoff.delays()
+    delay = (backoff or Backoff()).delays()
     attempt = 0
     while True:
         try:
@@ -57,8 +57,9 @@ def retry(
                 raise StopRequested(f"{operation}: stopped while retrying ({exc})") from exc
             pause = delay(attempt)
             attempt += 1
-            log.warning("retrying", operation=operation, attempt=attempt, delay_s=pause,
-                        error=str(exc))
+            log.warning(
+                "retrying", operation=operation, attempt=attempt, delay_s=pause, error=str(exc)
+            )
             if on_retry is not None:
                 on_retry(operation, exc)
             if wait is not None:

@@ -127,8 +127,12 @@ def decide(label: str, margin: float, neighbors: Sequence[Neighbor], t: Threshol
     nearest = neighbors[0]
     if nearest.source == "human" and nearest.distance <= t.near_duplicate:
         return Verdict(
-            True, nearest.label, (), HUMAN_MAPPING,
-            support=support_count(nearest.label, neighbors), distance=nearest.distance,
+            True,
+            nearest.label,
+            (),
+            HUMAN_MAPPING,
+            support=support_count(nearest.label, neighbors),
+            distance=nearest.distance,
         )
     q = support_count(label, neighbors)
     reasons: list[str] = []
@@ -224,8 +228,14 @@ def _candidates(values: npt.NDArray[np.float64], extra: Sequence[float]) -> np.n
 
 
 def _best_for_label(
-    q: np.ndarray, d: np.ndarray, m: np.ndarray, ok: np.ndarray, q_min: int,
-    alpha: float, confidence: float, min_admitted: int,
+    q: np.ndarray,
+    d: np.ndarray,
+    m: np.ndarray,
+    ok: np.ndarray,
+    q_min: int,
+    alpha: float,
+    confidence: float,
+    min_admitted: int,
 ) -> tuple[int, float | None, float]:
     """Largest admitted count for one predicted label at one q_min; (count, tau, m)."""
     eligible = q >= q_min
@@ -275,8 +285,14 @@ def calibrate(
         for label in labels:
             rows = pred == label
             n, t, mm = _best_for_label(
-                q_all[rows], d_all[rows], m_all[rows], ok[rows], q_min,
-                alpha, confidence, min_admitted,
+                q_all[rows],
+                d_all[rows],
+                m_all[rows],
+                ok[rows],
+                q_min,
+                alpha,
+                confidence,
+                min_admitted,
             )
             covered += n
             tau[label], marg[label] = t, mm
@@ -286,13 +302,21 @@ def calibrate(
     assert best is not None
     _, q_min, tau, marg = best
     return Thresholds(
-        alpha=alpha, k=k, q_min=q_min, tau=tau, margin=marg,
-        near_duplicate=near_duplicate, confidence=confidence,
+        alpha=alpha,
+        k=k,
+        q_min=q_min,
+        tau=tau,
+        margin=marg,
+        near_duplicate=near_duplicate,
+        confidence=confidence,
     )
 
 
 def calibrate_softmax_threshold(
-    max_prob: npt.ArrayLike, correct: npt.ArrayLike, alpha: float, confidence: float = 0.8,
+    max_prob: npt.ArrayLike,
+    correct: npt.ArrayLike,
+    alpha: float,
+    confidence: float = 0.8,
     min_admitted: int = 5,
 ) -> float:
     """Baseline: one max-softmax threshold with the largest coverage at accuracy >= alpha.
@@ -304,9 +328,7 @@ def calibrate_softmax_threshold(
     order = np.argsort(-p, kind="stable")
     cum_correct = np.cumsum(c[order])
     cum_total = np.arange(1, len(p) + 1)
-    good = (wilson_lower(cum_correct, cum_total, confidence) >= alpha) & (
-        cum_total >= min_admitted
-    )
+    good = (wilson_lower(cum_correct, cum_total, confidence) >= alpha) & (cum_total >= min_admitted)
     # a threshold must not split tied probabilities
     sorted_p = p[order]
     boundary = np.append(sorted_p[:-1] > sorted_p[1:], True)
@@ -320,8 +342,14 @@ def calibrate_softmax_threshold(
 def trivial_edits(text: str) -> list[str]:
     """Edits a reviewer would call 'the same text': case, spacing, end punctuation."""
     stripped = " ".join(text.split())
-    edits = {text.lower(), text.upper(), stripped, stripped.rstrip(".!?") or stripped,
-             stripped + ".", " " + text + " "}
+    edits = {
+        text.lower(),
+        text.upper(),
+        stripped,
+        stripped.rstrip(".!?") or stripped,
+        stripped + ".",
+        " " + text + " ",
+    }
     edits.discard(text)
     return sorted(edits)
 

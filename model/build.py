@@ -9,7 +9,13 @@ Steps, each reported on the terminal:
    exemplar with its true label and the model's own prediction;
 4. on the calibration split: predict, search, and choose the admission thresholds
    for ``alpha``; calibrate the softmax baseline to the same ``alpha``;
-5. write the bundle (safetensors + JSON) next to its store.
+5. write the bundle (safetensors + JSON) next to its store, with the calibration rows
+   (``calib.jsonl``) so a later fine-tune can shadow-evaluate old and new versions on
+   exactly the same data.
+
+``origins`` lets a rebuild (the curator's fine-tune job) keep where each support
+exemplar came from: a human mapping stays ``source="human"`` with its reviewer's
+label as truth, in the new store too.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from __future__ import annotations
 import math
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -40,7 +47,7 @@ from model.bundle import (
     fingerprint_texts,
     save_bundle,
 )
-from model.data import Example, stratified_split
+from model.data import Example, read_examples, stratified_split, write_jsonl
 from model.errors import DataError
 from model.network import ExemplarNetwork, NetworkConfig, load_encoder, resolve_encoder_path
 from model.predictor import Predictor
@@ -56,6 +63,29 @@ from model.train import (
 )
 
 log = structlog.get_logger(__name__)
+
+#: The calibration rows, kept with the bundle (id, text, label per line).
+CALIB_ROWS_FILE = "calib.jsonl"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a training row came from; carried into its support exemplar's payload."""
+
+    source: str = "train"
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def calibration_rows(bundle_dir: Path) -> list[Example]:
+    """The calibration rows a bundle was calibrated on (``DataError`` when not kept)."""
+    path = Path(bundle_dir) / CALIB_ROWS_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{bundle_dir}: no {CALIB_ROWS_FILE} (bundles built before it was kept); give the "
+            "calibration file with `exemplar models init --calib` or "
+            "EXEMPLAR_CURATOR__CALIB_PATH"
+        )
+    return read_examples(path, require_labels=True)
 
 
 @dataclass(frozen=True)
@@ -89,8 +119,14 @@ def build_bundle(
     calib: Sequence[Example] | None = None,
     options: BuildOptions | None = None,
     say: Callable[[str], None] = lambda _msg: None,
+    origins: Mapping[str, Origin] | None = None,
 ) -> Path:
-    """Train and write a complete bundle into ``out_dir``; returns ``out_dir``."""
+    """Train and write a complete bundle into ``out_dir``; returns ``out_dir``.
+
+    ``origins`` maps row ids to the source (and meta) their support exemplars get;
+    rows not in it are ``source="train"``.
+    """
+    origins = origins or {}
     options = options or BuildOptions()
     _check_labels(train, "training data")
     labels = tuple(sorted({e.label for e in train if e.label is not None}))
@@ -99,7 +135,8 @@ def build_bundle(
     seed_everything(options.train.seed)
     if calib is None:
         parts = stratified_split(
-            list(train), {"train": 1 - options.calib_fraction, "calib": options.calib_fraction},
+            list(train),
+            {"train": 1 - options.calib_fraction, "calib": options.calib_fraction},
             seed=options.train.seed,
         )
         fit_rows, calib = parts["train"], parts["calib"]
@@ -111,7 +148,8 @@ def build_bundle(
     if not calib:
         raise DataError("calibration data has no row with a label the training data knows")
     parts = stratified_split(
-        list(fit_rows), {"fit": 1 - options.dev_fraction, "dev": options.dev_fraction},
+        list(fit_rows),
+        {"fit": 1 - options.dev_fraction, "dev": options.dev_fraction},
         seed=options.train.seed,
     )
     fit, dev = parts["fit"], parts["dev"]
@@ -121,26 +159,41 @@ def build_bundle(
     config = replace(base, labels=labels)
     encoder, tokenizer = load_encoder(config.encoder)
     network = ExemplarNetwork(config, encoder)
-    say(f"training on {len(fit)} rows (dev {len(dev)}), labels {list(labels)}, "
-        f"encoder {config.encoder}, {config.num_filters} filters")
+    say(
+        f"training on {len(fit)} rows (dev {len(dev)}), labels {list(labels)}, "
+        f"encoder {config.encoder}, {config.num_filters} filters"
+    )
     fit_texts, dev_texts = [e.text for e in fit], [e.text for e in dev]
     caches = None
     if not config.fine_tune_encoder:  # encode once; training and the support set share it
         opts = options.train
         caches = (
-            encode_features(network, tokenizer, fit_texts, opts.encode_batch_size,
-                            opts.progress, "encoding train"),
-            encode_features(network, tokenizer, dev_texts, opts.encode_batch_size,
-                            opts.progress, "encoding dev"),
+            encode_features(
+                network,
+                tokenizer,
+                fit_texts,
+                opts.encode_batch_size,
+                opts.progress,
+                "encoding train",
+            ),
+            encode_features(
+                network, tokenizer, dev_texts, opts.encode_batch_size, opts.progress, "encoding dev"
+            ),
         )
     result = train_network(
-        network, tokenizer,
-        fit_texts, [index[str(e.label)] for e in fit],
-        dev_texts, [index[str(e.label)] for e in dev],
-        options.train, caches=caches,
+        network,
+        tokenizer,
+        fit_texts,
+        [index[str(e.label)] for e in fit],
+        dev_texts,
+        [index[str(e.label)] for e in dev],
+        options.train,
+        caches=caches,
     )
-    say(f"best epoch {result.best_epoch}/{result.epochs_run}: dev accuracy "
-        f"{result.best_dev_accuracy:.4f}")
+    say(
+        f"best epoch {result.best_epoch}/{result.epochs_run}: dev accuracy "
+        f"{result.best_dev_accuracy:.4f}"
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     store_path = out_dir / STORE_DIR
@@ -153,25 +206,37 @@ def build_bundle(
         say(f"embedding {len(support_rows)} support exemplars")
         if caches is not None:
             probs, vectors = cached_outputs(
-                network, CachedFeatures(caches[0].features + caches[1].features,
-                                        caches[0].token_masks + caches[1].token_masks))
+                network,
+                CachedFeatures(
+                    caches[0].features + caches[1].features,
+                    caches[0].token_masks + caches[1].token_masks,
+                ),
+            )
         else:
             fwd = predictor.forward([e.text for e in support_rows], explain=False)
             probs, vectors = fwd.probs, fwd.exemplars
         predicted = probs.argmax(axis=1)
         batch = 2048
         for start in range(0, len(support_rows), batch):
-            store.upsert([
-                Exemplar(
-                    id=e.id, vector=vectors[start + i], label=str(e.label),
-                    predicted=labels[int(predicted[start + i])], source="train",
-                    text=e.text if options.store_text else None,
-                )
-                for i, e in enumerate(support_rows[start : start + batch])
-            ])
-        support_accuracy = float(np.mean([
-            labels[int(p)] == e.label for p, e in zip(predicted, support_rows, strict=True)
-        ]))
+            store.upsert(
+                [
+                    Exemplar(
+                        id=e.id,
+                        vector=vectors[start + i],
+                        label=str(e.label),
+                        predicted=labels[int(predicted[start + i])],
+                        source=origins[e.id].source if e.id in origins else "train",
+                        text=e.text if options.store_text else None,
+                        meta=origins[e.id].meta if e.id in origins else {},
+                    )
+                    for i, e in enumerate(support_rows[start : start + batch])
+                ]
+            )
+        support_accuracy = float(
+            np.mean(
+                [labels[int(p)] == e.label for p, e in zip(predicted, support_rows, strict=True)]
+            )
+        )
 
         say(f"calibrating on {len(calib)} rows for alpha={options.alpha}")
         cal_fwd = predictor.forward([e.text for e in calib], explain=False)
@@ -179,7 +244,7 @@ def build_bundle(
         cal_pred = [labels[int(i)] for i in cal_fwd.probs.argmax(axis=1)]
         top2 = np.sort(cal_fwd.probs, axis=1)[:, -2:]
         stats = CalibrationStats.build(
-            cal_pred, [str(e.label) for e in calib], top2[:, 1] - top2[:, 0], neighbors
+            cal_pred, [str(e.label) for e in calib], list(top2[:, 1] - top2[:, 0]), neighbors
         )
         near_dup = _near_duplicate(predictor, calib, cal_fwd.exemplars, stats)
         thresholds = calibrate(
@@ -206,9 +271,7 @@ def build_bundle(
             "data_fingerprint": fingerprint_texts((e.text, e.label) for e in support_rows),
             "calib_fingerprint": fingerprint_texts((e.text, e.label) for e in calib),
             "seed": options.train.seed,
-            "options": {
-                k: v for k, v in vars(options.train).items() if k != "progress"
-            },
+            "options": {k: v for k, v in vars(options.train).items() if k != "progress"},
             "history": result.history,
         },
         metrics={
@@ -221,6 +284,7 @@ def build_bundle(
         },
         baseline={"softmax_threshold": None if math.isinf(softmax_t) else softmax_t},
     )
+    write_jsonl(out_dir / CALIB_ROWS_FILE, calib)
     save_bundle(out_dir, info, network, tokenizer, thresholds, stats)
     say(f"wrote bundle {info.version} to {out_dir} (calibration coverage {admitted:.3f})")
     return out_dir
@@ -229,14 +293,21 @@ def build_bundle(
 def _placeholder(labels: Sequence[str], options: BuildOptions) -> Thresholds:
     """Thresholds used only while building (forward passes never consult them)."""
     return Thresholds(
-        alpha=options.alpha, k=options.k, q_min=1, tau=dict.fromkeys(labels, None),
-        margin=dict.fromkeys(labels, 0.0), near_duplicate=0.0,
+        alpha=options.alpha,
+        k=options.k,
+        q_min=1,
+        tau=dict.fromkeys(labels, None),
+        margin=dict.fromkeys(labels, 0.0),
+        near_duplicate=0.0,
     )
 
 
 def _near_duplicate(
-    predictor: Predictor, calib: Sequence[Example], vectors: np.ndarray,
-    stats: CalibrationStats, limit: int = 400,
+    predictor: Predictor,
+    calib: Sequence[Example],
+    vectors: np.ndarray,
+    stats: CalibrationStats,
+    limit: int = 400,
 ) -> float:
     """Calibrate the near-duplicate distance from trivially edited calibration texts."""
     chosen = list(range(min(limit, len(calib))))
@@ -255,8 +326,9 @@ def _near_duplicate(
 def _calib_coverage(stats: CalibrationStats, t: Thresholds) -> float:
     """Fraction of calibration rows the chosen thresholds admit."""
     admitted = 0
-    for pred, m, d, q in zip(stats.predicted, stats.margin, stats.distance, stats.support,
-                             strict=True):
+    for pred, m, d, q in zip(
+        stats.predicted, stats.margin, stats.distance, stats.support, strict=True
+    ):
         tau = t.tau.get(pred)
         if tau is not None and q >= t.q_min and d <= tau and m >= t.margin.get(pred, 0.0):
             admitted += 1

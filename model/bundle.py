@@ -153,8 +153,9 @@ def read_info(directory: Path) -> BundleInfo:
         raise BundleError(f"{directory}: not a directory (expected a model bundle)")
     meta_path = directory / BUNDLE_FILE
     if not meta_path.is_file():
-        raise BundleError(f"{directory}: not a model bundle (no {BUNDLE_FILE}; "
-                          "create one with `exemplar train`)")
+        raise BundleError(
+            f"{directory}: not a model bundle (no {BUNDLE_FILE}; create one with `exemplar train`)"
+        )
     try:
         data = json.loads(meta_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -188,10 +189,7 @@ def load_bundle(directory: Path | str) -> Bundle:
         if not (directory / required).is_file():
             raise BundleError(f"{directory}: incomplete bundle, {required} is missing")
     config = info.network
-    if config.fine_tune_encoder:
-        encoder_ref = str(directory / ENCODER_DIR)
-    else:
-        encoder_ref = config.encoder
+    encoder_ref = str(directory / ENCODER_DIR) if config.fine_tune_encoder else config.encoder
     encoder_dir = resolve_encoder_path(encoder_ref)
     actual = encoder_fingerprint(encoder_dir)
     if actual != info.encoder_fingerprint:

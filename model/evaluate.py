@@ -43,8 +43,9 @@ def aurc(confidence: npt.ArrayLike, correct: npt.ArrayLike) -> float | None:
     return float(risk.mean())
 
 
-def risk_coverage(confidence: npt.ArrayLike, correct: npt.ArrayLike
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def risk_coverage(
+    confidence: npt.ArrayLike, correct: npt.ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
     c = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     order = np.lexsort((ok, -c))
@@ -55,8 +56,9 @@ def risk_coverage(confidence: npt.ArrayLike, correct: npt.ArrayLike
 ALPHA_LADDER = tuple(float(a) for a in np.round(np.linspace(0.5, 0.995, 34), 4))
 
 
-def alpha_ladder(stats: CalibrationStats, base: Thresholds, labels: Sequence[str]
-                 ) -> list[Thresholds]:
+def alpha_ladder(
+    stats: CalibrationStats, base: Thresholds, labels: Sequence[str]
+) -> list[Thresholds]:
     """Thresholds recalibrated for each alpha of the ladder (milliseconds each)."""
     return [
         calibrate(stats, labels, a, base.k, base.near_duplicate, base.confidence)
@@ -115,8 +117,9 @@ def evaluate(
         return {
             "coverage": float(admit.mean()) if n else 0.0,
             "admitted": int(admit.sum()),
-            "admitted_accuracy": _ratio(int((adm_known & correct[k_idx]).sum()),
-                                        int(adm_known.sum())),
+            "admitted_accuracy": _ratio(
+                int((adm_known & correct[k_idx]).sum()), int(adm_known.sum())
+            ),
         }
 
     ladder = alpha_ladder(calibration, predictor.thresholds, predictor.labels)
@@ -124,7 +127,9 @@ def evaluate(
     report: dict[str, Any] = {
         "n": n,
         "n_labelled": len(known),
-        "n_unknown_label": sum(1 for e in examples if e.label is not None and e.label not in labels),
+        "n_unknown_label": sum(
+            1 for e in examples if e.label is not None and e.label not in labels
+        ),
         "model_version": predictor.version,
         "alpha": predictor.thresholds.alpha,
         **selective(admitted, correct_out),
@@ -132,10 +137,12 @@ def evaluate(
         "aurc": aurc(ex_conf[k_idx], correct_out[k_idx]) if known else None,
         "per_class": {},
         "per_true_class": {},
-        "reject_reasons": dict(sorted(Counter(
-            r for p in preds for r in p.verdict.reasons).items())),
-        "admitted_by": dict(sorted(Counter(
-            p.verdict.admitted_by for p in preds if p.verdict.admitted_by).items())),
+        "reject_reasons": dict(
+            sorted(Counter(r for p in preds for r in p.verdict.reasons).items())
+        ),
+        "admitted_by": dict(
+            sorted(Counter(p.verdict.admitted_by for p in preds if p.verdict.admitted_by).items())
+        ),
         "baselines": {
             "softmax": {
                 "threshold": softmax_threshold,
@@ -153,8 +160,9 @@ def evaluate(
             "predicted": int(rows.sum()),
             "coverage": _ratio(int(adm.sum()), int(rows.sum())),
             "admitted": int(adm.sum()),
-            "admitted_accuracy": _ratio(int((adm & known_rows & correct_out).sum()),
-                                        int((adm & known_rows).sum())),
+            "admitted_accuracy": _ratio(
+                int((adm & known_rows & correct_out).sum()), int((adm & known_rows).sum())
+            ),
         }
         truth = np.array([e.label == label for e in examples], dtype=bool)
         adm_t = truth & admitted
@@ -169,8 +177,10 @@ def evaluate(
         curves["softmax"] = risk_coverage(max_prob[k_idx], correct_model[k_idx])
         curves["points"] = {
             "exemplar": (float(admitted[k_idx].mean()), 1 - (report["admitted_accuracy"] or 1.0)),
-            "softmax": (float(base_admit[k_idx].mean()),
-                        1 - (report["baselines"]["softmax"]["admitted_accuracy"] or 1.0)),
+            "softmax": (
+                float(base_admit[k_idx].mean()),
+                1 - (report["baselines"]["softmax"]["admitted_accuracy"] or 1.0),
+            ),
         }
     return report, curves
 
@@ -191,8 +201,13 @@ def plot_risk_coverage(curves: dict[str, Any], alpha: float, path: Path, title: 
             ax.plot(cov, risk, label=names[key], color=colours[key])
             x, y = curves["points"][key]
             ax.scatter([x], [y], color=colours[key], zorder=3, edgecolor="black")
-    ax.axhline(1 - alpha, color="grey", linestyle="--", linewidth=1,
-               label=f"target risk 1-alpha = {1 - alpha:.2f}")
+    ax.axhline(
+        1 - alpha,
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"target risk 1-alpha = {1 - alpha:.2f}",
+    )
     ax.set_xlabel("coverage")
     ax.set_ylabel("risk (error rate among admitted)")
     ax.set_xlim(0, 1)

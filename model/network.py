@@ -113,9 +113,7 @@ class Encoded:
     word_ids: list[list[int | None]]
 
 
-def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
-) -> Encoded:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> Encoded:
     """Tokenize with dynamic padding (to the longest text of the batch, not max_length)."""
     enc = tokenizer(
         texts,

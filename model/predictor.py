@@ -93,7 +93,10 @@ class Predictor:
                 labels = p.argmax(dim=1)
                 for row, i in enumerate(idx):
                     words[i] = word_contributions(
-                        batch[row], contrib[row].float(), enc.word_ids[row], enc.offsets[row],
+                        batch[row],
+                        contrib[row].float(),
+                        enc.word_ids[row],
+                        enc.offsets[row],
                         int(labels[row]),
                     )
         return Forward(probs=probs, exemplars=exemplars, words=words)
@@ -118,7 +121,9 @@ class Predictor:
                 Prediction(
                     label=verdict.label,
                     predicted_label=label,
-                    scores={lab: float(p) for lab, p in zip(self.labels, fwd.probs[i], strict=True)},
+                    scores={
+                        lab: float(p) for lab, p in zip(self.labels, fwd.probs[i], strict=True)
+                    },
                     margin=float(margins[i]),
                     verdict=verdict,
                     nearest=neighbors[i],

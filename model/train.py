@@ -80,9 +80,7 @@ class CachedFeatures:
         return feats, mask
 
 
-def length_sorted_batches(
-    texts: Sequence[str], batch_size: int
-) -> Iterator[list[int]]:
+def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped so each batch holds texts of similar length (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in range(0, len(order), batch_size):
@@ -145,11 +143,19 @@ def train_network(
         train_cache, dev_cache = caches
     elif not fine_tune:
         train_cache = encode_features(
-            network, tokenizer, train_texts, options.encode_batch_size, options.progress,
+            network,
+            tokenizer,
+            train_texts,
+            options.encode_batch_size,
+            options.progress,
             "encoding train",
         )
         dev_cache = encode_features(
-            network, tokenizer, dev_texts, options.encode_batch_size, options.progress,
+            network,
+            tokenizer,
+            dev_texts,
+            options.encode_batch_size,
+            options.progress,
             "encoding dev",
         )
     head_params = [*network.conv.parameters(), *network.head.parameters()]
@@ -163,8 +169,9 @@ def train_network(
     y_dev = torch.tensor(list(dev_labels), dtype=torch.long)
     generator = torch.Generator().manual_seed(options.seed)
 
-    def logits_for(indices: list[int], texts: Sequence[str], cache: CachedFeatures | None
-                   ) -> torch.Tensor:
+    def logits_for(
+        indices: list[int], texts: Sequence[str], cache: CachedFeatures | None
+    ) -> torch.Tensor:
         if cache is not None:
             feats, mask = cache.batch(indices)
             return network.head_forward(feats, mask).logits
@@ -190,8 +197,9 @@ def train_network(
             network.encoder.eval()  # frozen: no dropout inside the encoder either
         total = 0.0
         batches = _epoch_batches(len(train_texts), options.batch_size, generator)
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not options.progress, unit="batch",
-                   leave=False)
+        bar = tqdm(
+            batches, desc=f"epoch {epoch}", disable=not options.progress, unit="batch", leave=False
+        )
         for idx in bar:
             logits = logits_for(idx, train_texts, None if fine_tune else train_cache)
             loss = F.cross_entropy(logits, y_train[idx])
@@ -249,6 +257,8 @@ def cached_outputs(
         probs.append(torch.softmax(out.logits.float(), dim=1).numpy())
         vectors.append(out.exemplar.float().numpy())
     if not probs:
-        return (np.zeros((0, len(network.config.labels)), np.float32),
-                np.zeros((0, network.config.num_filters), np.float32))
+        return (
+            np.zeros((0, len(network.config.labels)), np.float32),
+            np.zeros((0, network.config.num_filters), np.float32),
+        )
     return np.concatenate(probs), np.concatenate(vectors)

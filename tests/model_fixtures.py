@@ -57,8 +57,9 @@ _WORDS = {
 _NOUNS = ["film", "story", "cast", "script", "ending", "score", "pacing", "sequel"]
 
 
-def toy_corpus(n: int, seed: int = 0, labels: tuple[str, ...] = ("good", "bad", "meh")
-               ) -> list[dict[str, str]]:
+def toy_corpus(
+    n: int, seed: int = 0, labels: tuple[str, ...] = ("good", "bad", "meh")
+) -> list[dict[str, str]]:
     """Labelled rows whose label is carried by a few label-specific words."""
     import random
 
@@ -68,8 +69,13 @@ def toy_corpus(n: int, seed: int = 0, labels: tuple[str, ...] = ("good", "bad", 
         label = labels[i % len(labels)]
         words = rng.sample(_WORDS[label], 2)
         noun = rng.choice(_NOUNS)
-        rows.append({"id": f"toy:{seed}:{i}", "text": f"The {noun} was {words[0]} and {words[1]}.",
-                     "label": label})
+        rows.append(
+            {
+                "id": f"toy:{seed}:{i}",
+                "text": f"The {noun} was {words[0]} and {words[1]}.",
+                "label": label,
+            }
+        )
     return rows
 
 
@@ -92,9 +98,11 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path) ->
     examples = [Example(r["id"], r["text"], r["label"]) for r in rows]
     out = tmp_path_factory.mktemp("tiny-bundle") / "bundle"
     options = BuildOptions(
-        alpha=0.9, k=4,
-        network=NetworkConfig(labels=("_", "__"), encoder=str(tiny_encoder), num_filters=32,
-                              max_length=64),
+        alpha=0.9,
+        k=4,
+        network=NetworkConfig(
+            labels=("_", "__"), encoder=str(tiny_encoder), num_filters=32, max_length=64
+        ),
         train=TrainOptions(max_epochs=25, progress=False, learning_rate=3e-3),
     )
     return build_bundle(examples[:180], out, examples[180:], options)

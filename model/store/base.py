@@ -89,8 +89,13 @@ class ExemplarStore(ABC):
         """Exemplars by id, ``None`` where absent. Vectors are empty arrays unless asked for."""
 
     @abstractmethod
-    def relabel(self, exemplar_id: str, label: str, source: str | None = None,
-                meta: Mapping[str, Any] | None = None) -> Exemplar:
+    def relabel(
+        self,
+        exemplar_id: str,
+        label: str,
+        source: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Exemplar:
         """Set an exemplar's true label (and optionally its source / extra meta).
 
         Returns the exemplar as it was *before* the change; raises ``KeyError``
@@ -106,8 +111,9 @@ class ExemplarStore(ABC):
         """Number of exemplars (matching ``where`` when given)."""
 
     @abstractmethod
-    def iter_exemplars(self, batch_size: int = 1024, with_vectors: bool = False
-                       ) -> Iterator[Exemplar]:
+    def iter_exemplars(
+        self, batch_size: int = 1024, with_vectors: bool = False
+    ) -> Iterator[Exemplar]:
         """Every exemplar, in no particular order (for re-embedding and export)."""
 
     @abstractmethod

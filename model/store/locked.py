@@ -30,8 +30,9 @@ class LockedStore(ExemplarStore):
         with self.lock:
             self.inner.upsert(exemplars)
 
-    def search(self, vectors: npt.NDArray[np.float32], k: int,
-               where: Mapping[str, str] | None = None) -> list[list[Neighbor]]:
+    def search(
+        self, vectors: npt.NDArray[np.float32], k: int, where: Mapping[str, str] | None = None
+    ) -> list[list[Neighbor]]:
         with self.lock:
             return self.inner.search(vectors, k, where)
 
@@ -39,8 +40,13 @@ class LockedStore(ExemplarStore):
         with self.lock:
             return self.inner.get(ids, with_vectors)
 
-    def relabel(self, exemplar_id: str, label: str, source: str | None = None,
-                meta: Mapping[str, Any] | None = None) -> Exemplar:
+    def relabel(
+        self,
+        exemplar_id: str,
+        label: str,
+        source: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Exemplar:
         with self.lock:
             return self.inner.relabel(exemplar_id, label, source, meta)
 
@@ -52,8 +58,9 @@ class LockedStore(ExemplarStore):
         with self.lock:
             return self.inner.count(where)
 
-    def iter_exemplars(self, batch_size: int = 1024, with_vectors: bool = False
-                       ) -> Iterator[Exemplar]:
+    def iter_exemplars(
+        self, batch_size: int = 1024, with_vectors: bool = False
+    ) -> Iterator[Exemplar]:
         with self.lock:
             items = list(self.inner.iter_exemplars(batch_size, with_vectors))
         return iter(items)

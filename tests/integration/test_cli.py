@@ -28,14 +28,32 @@ def toy_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path,
-           toy_files: dict[str, Path]) -> Path:
+def bundle(
+    tmp_path_factory: pytest.TempPathFactory, tiny_encoder: Path, toy_files: dict[str, Path]
+) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "toy"
-    code = main([
-        "train", "--data", str(toy_files["train"]), "--calib", str(toy_files["calib"]),
-        "--out", str(out), "--base-model", str(tiny_encoder), "--filters", "32",
-        "--epochs", "25", "--alpha", "0.9", "--k", "4", "--quiet",
-    ])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(toy_files["train"]),
+            "--calib",
+            str(toy_files["calib"]),
+            "--out",
+            str(out),
+            "--base-model",
+            str(tiny_encoder),
+            "--filters",
+            "32",
+            "--epochs",
+            "25",
+            "--alpha",
+            "0.9",
+            "--k",
+            "4",
+            "--quiet",
+        ]
+    )
     assert code == 0
     return out
 
@@ -52,16 +70,34 @@ def test_train_writes_a_complete_bundle(bundle: Path) -> None:
     assert not list(bundle.rglob("*.pkl")) and not list(bundle.rglob("*.bin"))
 
 
-def test_eval_report_has_the_contract_keys(bundle: Path, toy_files: dict[str, Path],
-                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                           ) -> None:
+def test_eval_report_has_the_contract_keys(
+    bundle: Path, toy_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report_path, plot = tmp_path / "r.json", tmp_path / "r.png"
-    code = main(["eval", "--model", str(bundle), "--data", str(toy_files["test"]),
-                 "--json", str(report_path), "--plot", str(plot)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(bundle),
+            "--data",
+            str(toy_files["test"]),
+            "--json",
+            str(report_path),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert code == 0
     report = json.loads(report_path.read_text())
-    for key in ("n", "coverage", "admitted_accuracy", "accuracy", "aurc", "per_class",
-                "reject_reasons"):
+    for key in (
+        "n",
+        "coverage",
+        "admitted_accuracy",
+        "accuracy",
+        "aurc",
+        "per_class",
+        "reject_reasons",
+    ):
         assert key in report
     assert report["n"] == 60
     assert report["accuracy"] > 0.8  # the toy task is easy even for a random encoder
@@ -75,14 +111,19 @@ def test_eval_report_has_the_contract_keys(bundle: Path, toy_files: dict[str, Pa
 
 
 def test_eval_on_unlabelled_and_unknown_labels_counts_coverage_only(
-        bundle: Path, tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "u.jsonl", [
-        {"text": "The film was wonderful and charming."},
-        {"text": "The cast was dreadful and boring.", "label": "sarcastic"},
-    ])
+    bundle: Path, tmp_path: Path
+) -> None:
+    data = write_jsonl(
+        tmp_path / "u.jsonl",
+        [
+            {"text": "The film was wonderful and charming."},
+            {"text": "The cast was dreadful and boring.", "label": "sarcastic"},
+        ],
+    )
     report_path = tmp_path / "u.json"
-    assert main(["eval", "--model", str(bundle), "--data", str(data),
-                 "--json", str(report_path)]) == 0
+    assert (
+        main(["eval", "--model", str(bundle), "--data", str(data), "--json", str(report_path)]) == 0
+    )
     report = json.loads(report_path.read_text())
     assert report["n"] == 2 and report["n_labelled"] == 0
     assert report["accuracy"] is None and report["admitted_accuracy"] is None
@@ -90,28 +131,40 @@ def test_eval_on_unlabelled_and_unknown_labels_counts_coverage_only(
 
 
 def test_explain_json(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", "--model", str(bundle), "--json",
-                 "The script was superb and moving."]) == 0
+    assert (
+        main(["explain", "--model", str(bundle), "--json", "The script was superb and moving."])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["label"] in {"bad", "good", "meh"}
     assert isinstance(out["admitted"], bool)
     assert out["admitted"] or out["reasons"]
     assert len(out["nearest"]) >= 1 and out["nearest"][0]["text"]
-    assert [w["word"] for w in out["words"]] == ["The", "script", "was", "superb", "and",
-                                                  "moving", "."]
+    assert [w["word"] for w in out["words"]] == [
+        "The",
+        "script",
+        "was",
+        "superb",
+        "and",
+        "moving",
+        ".",
+    ]
     distances = [n["distance"] for n in out["nearest"]]
     assert distances == sorted(distances)
 
 
 def test_explain_readable(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["explain", "--model", str(bundle), "--color", "always",
-                 "The ending was tedious."]) == 0
+    assert (
+        main(["explain", "--model", str(bundle), "--color", "always", "The ending was tedious."])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "nearest training exemplars" in out and "\033[" in out
 
 
-def test_index_adds_exemplars_used_at_once(bundle: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_adds_exemplars_used_at_once(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     text = "A completely new sentence about the lighting design."
     data = write_jsonl(tmp_path / "new.jsonl", [{"id": "new:1", "text": text, "label": "meh"}])
     assert main(["index", "--model", str(bundle), "--data", str(data)]) == 0
@@ -131,8 +184,9 @@ def test_index_adds_exemplars_used_at_once(bundle: Path, tmp_path: Path,
         (b"not json\n", "not JSON"),
     ],
 )
-def test_bad_training_input_is_one_line(tmp_path: Path, content: bytes, fragment: str,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_training_input_is_one_line(
+    tmp_path: Path, content: bytes, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "m")]) == 2
@@ -140,8 +194,9 @@ def test_bad_training_input_is_one_line(tmp_path: Path, content: bytes, fragment
     assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_not_a_bundle_is_one_line(tmp_path: Path, toy_files: dict[str, Path],
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_a_bundle_is_one_line(
+    tmp_path: Path, toy_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["eval", "--model", str(tmp_path), "--data", str(toy_files["test"])]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a model bundle" in err and len(err.splitlines()) == 1
@@ -149,8 +204,13 @@ def test_not_a_bundle_is_one_line(tmp_path: Path, toy_files: dict[str, Path],
 
 def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "exemplar"
-    proc = subprocess.run([str(exe), "explain", "--model", str(tmp_path / "nope"), "hi"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [str(exe), "explain", "--model", str(tmp_path / "nope"), "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "not a directory" in proc.stderr

@@ -46,12 +46,12 @@ def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]
     producer.close()
 
 
-def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0
-               ) -> list[Any]:
+def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
     """All records of ``topic`` (no group): until ``expect`` arrived, or (``expect=0``)
     until the topic goes quiet."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=500)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500
+    )
     consumer.topics()  # fetch metadata; partitions_for_topic reads only the cache
     parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
     consumer.assign(parts)
@@ -69,8 +69,9 @@ def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0
     return records
 
 
-def outputs_by_id(bootstrap: str, topics: TopicsConfig, expect: int, timeout_s: float = 60.0
-                  ) -> dict[str, set[str]]:
+def outputs_by_id(
+    bootstrap: str, topics: TopicsConfig, expect: int, timeout_s: float = 60.0
+) -> dict[str, set[str]]:
     """event id -> the set of output roles it appeared in (waits for ``expect`` ids)."""
     deadline = time.monotonic() + timeout_s
     seen: dict[str, set[str]] = {}
@@ -85,26 +86,31 @@ def outputs_by_id(bootstrap: str, topics: TopicsConfig, expect: int, timeout_s: 
     return seen
 
 
-def settings_for(bundle: Path, kafka: KafkaConfig, topics: TopicsConfig, **batch: Any
-                 ) -> Settings:
+def settings_for(bundle: Path, kafka: KafkaConfig, topics: TopicsConfig, **batch: Any) -> Settings:
     return Settings(
-        model_dir=bundle, kafka=kafka, topics=topics,
+        model_dir=bundle,
+        kafka=kafka,
+        topics=topics,
         batch={"max_size": 16, "max_wait_ms": 100, **batch},
         metrics={"enabled": False},
     )
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path, tiny_bundle: Path
-                 ) -> Iterator[Callable[[Settings], PredictorWorker]]:
+def start_worker(
+    tmp_path: Path, tiny_bundle: Path
+) -> Iterator[Callable[[Settings], PredictorWorker]]:
     started: list[tuple[PredictorWorker, threading.Thread, Any]] = []
 
     def start(settings: Settings) -> PredictorWorker:
         private = copy_bundle(tiny_bundle, tmp_path / f"bundle-{len(started)}")
         loaded = load(settings, str(private), batch_size=16)
-        worker = PredictorWorker(settings, loaded.predictor,
-                                 DaemonMetrics.create(CollectorRegistry()),
-                                 backoff=Backoff(initial_s=0.1, maximum_s=0.5))
+        worker = PredictorWorker(
+            settings,
+            loaded.predictor,
+            DaemonMetrics.create(CollectorRegistry()),
+            backoff=Backoff(initial_s=0.1, maximum_s=0.5),
+        )
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
         started.append((worker, thread, loaded))
@@ -117,15 +123,22 @@ def start_worker(tmp_path: Path, tiny_bundle: Path
         loaded.close()
 
 
-GOOD_TEXTS = ["The film was wonderful and charming.", "The script was dreadful and boring.",
-              "The cast was average and routine.", "Une phrase qui ne ressemble à rien."]
+GOOD_TEXTS = [
+    "The film was wonderful and charming.",
+    "The script was dreadful and boring.",
+    "The cast was average and routine.",
+    "Une phrase qui ne ressemble à rien.",
+]
 
 
 def good_events(n: int, prefix: str) -> list[tuple[bytes | None, bytes]]:
     return [
-        (f"{prefix}-{i}".encode(),
-         json.dumps({"id": f"{prefix}-{i}", "text": GOOD_TEXTS[i % len(GOOD_TEXTS)],
-                     "meta": {"i": i}}).encode())
+        (
+            f"{prefix}-{i}".encode(),
+            json.dumps(
+                {"id": f"{prefix}-{i}", "text": GOOD_TEXTS[i % len(GOOD_TEXTS)], "meta": {"i": i}}
+            ).encode(),
+        )
         for i in range(n)
     ]
 
@@ -142,8 +155,11 @@ MALFORMED: list[tuple[bytes | None, bytes]] = [
 
 
 def test_every_event_lands_in_exactly_one_topic_with_valid_messages(
-        kafka_broker: str, kafka_config: KafkaConfig, unique_topics: TopicsConfig,
-        start_worker: Callable[[Settings], PredictorWorker]) -> None:
+    kafka_broker: str,
+    kafka_config: KafkaConfig,
+    unique_topics: TopicsConfig,
+    start_worker: Callable[[Settings], PredictorWorker],
+) -> None:
     settings = settings_for(Path("unused"), kafka_config, unique_topics)
     ensure_topics(kafka_config, unique_topics)
     produce(kafka_broker, unique_topics.input, good_events(40, "ev") + MALFORMED)
@@ -158,8 +174,11 @@ def test_every_event_lands_in_exactly_one_topic_with_valid_messages(
     dead = [i for i, roles in seen.items() if roles == {"dead_letter"}]
     assert len(dead) == len(MALFORMED)
 
-    contract = {"output": "label_record", "adjudication": "adjudication_request",
-                "dead_letter": "dead_letter"}
+    contract = {
+        "output": "label_record",
+        "adjudication": "adjudication_request",
+        "dead_letter": "dead_letter",
+    }
     reasons = set()
     for role, name in contract.items():
         schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
@@ -175,9 +194,11 @@ def test_every_event_lands_in_exactly_one_topic_with_valid_messages(
 
 
 def test_two_predictors_split_the_partitions(
-        kafka_broker: str, make_kafka_config: Callable[..., KafkaConfig],
-        make_topics: Callable[..., TopicsConfig],
-        start_worker: Callable[[Settings], PredictorWorker]) -> None:
+    kafka_broker: str,
+    make_kafka_config: Callable[..., KafkaConfig],
+    make_topics: Callable[..., TopicsConfig],
+    start_worker: Callable[[Settings], PredictorWorker],
+) -> None:
     topics = make_topics(partitions=4)
     kafka = make_kafka_config(kafka_broker)
     ensure_topics(kafka, topics)
@@ -191,15 +212,17 @@ def test_two_predictors_split_the_partitions(
 
 def _env(bundle: Path, kafka: KafkaConfig, topics: TopicsConfig) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEMPLAR_")}
-    env.update({
-        "EXEMPLAR_MODEL_DIR": str(bundle),
-        "EXEMPLAR_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "EXEMPLAR_KAFKA__GROUP_ID": kafka.group_id,
-        "EXEMPLAR_METRICS__ENABLED": "false",
-        "EXEMPLAR_BATCH__MAX_SIZE": "8",
-        "EXEMPLAR_BATCH__MAX_WAIT_MS": "50",
-        "EXEMPLAR_LOG__FORMAT": "json",
-    })
+    env.update(
+        {
+            "EXEMPLAR_MODEL_DIR": str(bundle),
+            "EXEMPLAR_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "EXEMPLAR_KAFKA__GROUP_ID": kafka.group_id,
+            "EXEMPLAR_METRICS__ENABLED": "false",
+            "EXEMPLAR_BATCH__MAX_SIZE": "8",
+            "EXEMPLAR_BATCH__MAX_WAIT_MS": "50",
+            "EXEMPLAR_LOG__FORMAT": "json",
+        }
+    )
     for name, value in FAST_KAFKA.items():
         env[f"EXEMPLAR_KAFKA__{name.upper()}"] = str(value)
     for role, value in topics.model_dump().items():
@@ -211,8 +234,7 @@ def _env(bundle: Path, kafka: KafkaConfig, topics: TopicsConfig) -> dict[str, st
 def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).parent / "exemplar"
     with log.open("ab") as err:
-        return subprocess.Popen([str(exe), "run"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        return subprocess.Popen([str(exe), "run"], env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -226,8 +248,12 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
 
 @pytest.mark.slow
 def test_kill_9_mid_stream_then_restart_loses_nothing(
-        kafka_broker: str, kafka_config: KafkaConfig, unique_topics: TopicsConfig,
-        tiny_bundle: Path, tmp_path: Path) -> None:
+    kafka_broker: str,
+    kafka_config: KafkaConfig,
+    unique_topics: TopicsConfig,
+    tiny_bundle: Path,
+    tmp_path: Path,
+) -> None:
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
     ensure_topics(kafka_config, unique_topics)
     n = 400
@@ -236,9 +262,16 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     log = tmp_path / "daemon.log"
     proc = _spawn(env, log)
     # let it get part of the way, then kill it without warning
-    assert _wait_for(lambda: len(read_topic(kafka_broker, unique_topics.output, 1, 1.0)
-                                 + read_topic(kafka_broker, unique_topics.adjudication, 1, 1.0))
-                     > 0, 120), log.read_text()
+    assert _wait_for(
+        lambda: (
+            len(
+                read_topic(kafka_broker, unique_topics.output, 1, 1.0)
+                + read_topic(kafka_broker, unique_topics.adjudication, 1, 1.0)
+            )
+            > 0
+        ),
+        120,
+    ), log.read_text()
     proc.kill()
     proc.wait(10)
     proc = _spawn(env, log)
@@ -253,8 +286,11 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
 
 
 def test_broker_unavailable_at_start_then_appears(
-        make_kafka_config: Callable[..., KafkaConfig], make_topics: Callable[..., TopicsConfig],
-        start_worker: Callable[[Settings], PredictorWorker], tmp_path: Path) -> None:
+    make_kafka_config: Callable[..., KafkaConfig],
+    make_topics: Callable[..., TopicsConfig],
+    start_worker: Callable[[Settings], PredictorWorker],
+    tmp_path: Path,
+) -> None:
     import socket
 
     with socket.socket() as s:
@@ -277,27 +313,41 @@ def test_broker_unavailable_at_start_then_appears(
 
 @pytest.mark.slow
 def test_sigterm_mid_stream_exits_cleanly_with_the_batch_committed(
-        kafka_broker: str, kafka_config: KafkaConfig, unique_topics: TopicsConfig,
-        tiny_bundle: Path, tmp_path: Path) -> None:
+    kafka_broker: str,
+    kafka_config: KafkaConfig,
+    unique_topics: TopicsConfig,
+    tiny_bundle: Path,
+    tmp_path: Path,
+) -> None:
     bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
     ensure_topics(kafka_config, unique_topics)
     produce(kafka_broker, unique_topics.input, good_events(300, "term"))
     env = _env(bundle, kafka_config, unique_topics)
     log = tmp_path / "daemon.log"
     proc = _spawn(env, log)
-    assert _wait_for(lambda: len(read_topic(kafka_broker, unique_topics.output, 1, 1.0)
-                                 + read_topic(kafka_broker, unique_topics.adjudication, 1, 1.0))
-                     > 0, 120), log.read_text()
+    assert _wait_for(
+        lambda: (
+            len(
+                read_topic(kafka_broker, unique_topics.output, 1, 1.0)
+                + read_topic(kafka_broker, unique_topics.adjudication, 1, 1.0)
+            )
+            > 0
+        ),
+        120,
+    ), log.read_text()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, log.read_text()
     assert "predictor_stopped" in log.read_text()
     # Everything processed before the stop was committed: a consumer in the same group
     # starts exactly after the processed events, so no event is processed twice.
     processed = outputs_by_id(kafka_broker, unique_topics, expect=1, timeout_s=5)
-    consumer = KafkaConsumer(bootstrap_servers=kafka_broker, group_id=kafka_config.group_id,
-                             enable_auto_commit=False)
-    parts = [TopicPartition(unique_topics.input, p)
-             for p in consumer.partitions_for_topic(unique_topics.input) or []]
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_broker, group_id=kafka_config.group_id, enable_auto_commit=False
+    )
+    parts = [
+        TopicPartition(unique_topics.input, p)
+        for p in consumer.partitions_for_topic(unique_topics.input) or []
+    ]
     committed = sum(consumer.committed(tp) or 0 for tp in parts)
     consumer.close()
     assert committed == len(processed)

@@ -13,8 +13,7 @@ import pytest
 
 from daemon.app import load
 from daemon.config import Settings
-from model.data import Example, read_examples
-from model.data import ood_paths
+from model.data import Example, ood_paths, read_examples
 from model.evaluate import evaluate
 from tests.model_fixtures import copy_bundle, toy_corpus
 

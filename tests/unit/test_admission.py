@@ -22,14 +22,26 @@ from model.admission import (
 from model.store.base import Neighbor
 
 
-def nb(label: str, predicted: str | None = None, distance: float = 1.0, source: str = "train"
-       ) -> Neighbor:
-    return Neighbor(id=f"x{distance}", distance=distance, label=label,
-                    predicted=predicted or label, source=source)
+def nb(
+    label: str, predicted: str | None = None, distance: float = 1.0, source: str = "train"
+) -> Neighbor:
+    return Neighbor(
+        id=f"x{distance}",
+        distance=distance,
+        label=label,
+        predicted=predicted or label,
+        source=source,
+    )
 
 
-T = Thresholds(alpha=0.9, k=4, q_min=2, tau={"pos": 2.0, "neg": 2.0}, margin={"pos": 0.2,
-               "neg": 0.2}, near_duplicate=0.05)
+T = Thresholds(
+    alpha=0.9,
+    k=4,
+    q_min=2,
+    tau={"pos": 2.0, "neg": 2.0},
+    margin={"pos": 0.2, "neg": 0.2},
+    near_duplicate=0.05,
+)
 
 
 def test_support_counts_consecutive_true_positives_from_the_nearest() -> None:
@@ -57,8 +69,9 @@ def test_admits_when_everything_agrees() -> None:
         ("pos", 0.1, [nb("neg", distance=5.0)], ("label_disagreement", "too_far", "low_margin")),
     ],
 )
-def test_rejections_carry_every_reason(label: str, margin: float, neighbors: list[Neighbor],
-                                       reasons: tuple[str, ...]) -> None:
+def test_rejections_carry_every_reason(
+    label: str, margin: float, neighbors: list[Neighbor], reasons: tuple[str, ...]
+) -> None:
     v = decide(label, margin, neighbors, T)
     assert not v.admitted
     assert v.reasons == reasons
@@ -108,15 +121,20 @@ def _synthetic(n: int, seed: int) -> CalibrationStats:
     margin = rng.uniform(0, 1, size=n)
     p_correct = np.clip(1.05 - d * 0.6 - (q == 0) * 0.4 + margin * 0.1, 0, 1)
     correct = rng.uniform(size=n) < p_correct
-    gold = [lab if ok else ("neg" if lab == "pos" else "pos") for lab, ok in zip(labels, correct, strict=True)]
-    return CalibrationStats(predicted=list(labels), gold=gold, margin=list(margin),
-                            distance=list(d), support=list(q))
+    gold = [
+        lab if ok else ("neg" if lab == "pos" else "pos")
+        for lab, ok in zip(labels, correct, strict=True)
+    ]
+    return CalibrationStats(
+        predicted=list(labels), gold=gold, margin=list(margin), distance=list(d), support=list(q)
+    )
 
 
 def _admitted_accuracy(stats: CalibrationStats, t: Thresholds) -> tuple[float, float]:
     admitted, correct = 0, 0
-    for p, g, m, d, q in zip(stats.predicted, stats.gold, stats.margin, stats.distance,
-                             stats.support, strict=True):
+    for p, g, m, d, q in zip(
+        stats.predicted, stats.gold, stats.margin, stats.distance, stats.support, strict=True
+    ):
         tau = t.tau[p]
         if tau is not None and q >= t.q_min and d <= tau and m >= t.margin[p]:
             admitted += 1
@@ -138,8 +156,13 @@ def test_calibration_admits_nothing_where_alpha_is_out_of_reach() -> None:
     n = 2000
     pred = list(rng.choice(["pos", "neg"], size=n))
     gold = list(rng.choice(["pos", "neg"], size=n))  # coin flips: 50% accurate everywhere
-    stats = CalibrationStats(pred, gold, list(rng.uniform(size=n)), list(rng.uniform(size=n)),
-                             list(rng.integers(0, 5, size=n)))
+    stats = CalibrationStats(
+        pred,
+        gold,
+        list(rng.uniform(size=n)),
+        list(rng.uniform(size=n)),
+        list(rng.integers(0, 5, size=n)),
+    )
     t = calibrate(stats, ["pos", "neg"], 0.95, k=4, near_duplicate=0.01)
     assert t.tau == {"pos": None, "neg": None}
 

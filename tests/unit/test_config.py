@@ -34,15 +34,17 @@ def test_defaults_and_nested_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         ("EXEMPLAR_NO_SUCH_SETTING", "1", "EXEMPLAR_NO_SUCH_SETTING"),
     ],
 )
-def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
-                                      variable: str) -> None:
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, variable: str
+) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=variable):
         load_settings()
 
 
-def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_command_masks_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("EXEMPLAR_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("EXEMPLAR_KAFKA__SASL_MECHANISM", "PLAIN")
     monkeypatch.setenv("EXEMPLAR_KAFKA__SASL_USERNAME", "svc")
@@ -54,7 +56,8 @@ def test_config_command_masks_secrets(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_bad_configuration_stops_the_cli_with_one_line(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("EXEMPLAR_BATCH__MAX_WAIT_MS", "-3")
     assert main(["run"]) == 2
     err = capsys.readouterr().err.strip()

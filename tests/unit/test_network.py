@@ -21,12 +21,14 @@ from model.train import TrainOptions, train_network
 from tests.model_fixtures import toy_corpus
 
 
-def _network(encoder_dir: Path, labels: tuple[str, ...], filters: int = 24, seed: int = 0
-             ) -> tuple[ExemplarNetwork, object]:
+def _network(
+    encoder_dir: Path, labels: tuple[str, ...], filters: int = 24, seed: int = 0
+) -> tuple[ExemplarNetwork, object]:
     torch.manual_seed(seed)
     encoder, tokenizer = load_encoder(str(encoder_dir))
-    cfg = NetworkConfig(labels=labels, encoder=str(encoder_dir), num_filters=filters,
-                        num_layers=2, max_length=32)
+    cfg = NetworkConfig(
+        labels=labels, encoder=str(encoder_dir), num_filters=filters, num_layers=2, max_length=32
+    )
     return ExemplarNetwork(cfg, encoder).eval(), tokenizer
 
 
@@ -103,9 +105,12 @@ def _train_once(encoder_dir: Path, seed: int) -> dict[str, torch.Tensor]:
     index = {lab: i for i, lab in enumerate(labels)}
     net, tok = _network(encoder_dir, labels, filters=16, seed=seed)
     train_network(
-        net, tok,
-        [r["text"] for r in rows[:48]], [index[r["label"]] for r in rows[:48]],
-        [r["text"] for r in rows[48:]], [index[r["label"]] for r in rows[48:]],
+        net,
+        tok,
+        [r["text"] for r in rows[:48]],
+        [index[r["label"]] for r in rows[:48]],
+        [r["text"] for r in rows[48:]],
+        [index[r["label"]] for r in rows[48:]],
         TrainOptions(max_epochs=3, patience=3, seed=seed, progress=False),
     )
     return {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("encoder.")}
@@ -126,9 +131,12 @@ def test_training_learns_the_toy_task(tiny_encoder: Path) -> None:
     index = {lab: i for i, lab in enumerate(labels)}
     net, tok = _network(tiny_encoder, labels, filters=32, seed=0)
     result = train_network(
-        net, tok,
-        [r["text"] for r in rows[:90]], [index[r["label"]] for r in rows[:90]],
-        [r["text"] for r in rows[90:]], [index[r["label"]] for r in rows[90:]],
+        net,
+        tok,
+        [r["text"] for r in rows[:90]],
+        [index[r["label"]] for r in rows[:90]],
+        [r["text"] for r in rows[90:]],
+        [index[r["label"]] for r in rows[90:]],
         TrainOptions(max_epochs=30, patience=5, seed=0, progress=False, learning_rate=3e-3),
     )
     assert result.best_dev_accuracy >= 0.9
