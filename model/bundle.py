@@ -132,6 +132,9 @@ def save_bundle(
     """Write every file of a bundle except the store (which the builder fills in place)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file(_head_state(network), str(directory / HEAD_FILE))
+    # safetensors creates the file owner-only; a bundle is read by other users (a
+    # container's service account), and it holds no secret.
+    (directory / HEAD_FILE).chmod(0o644)
     if network.config.fine_tune_encoder:
         network.encoder.save_pretrained(directory / ENCODER_DIR, safe_serialization=True)
         tokenizer.save_pretrained(directory / ENCODER_DIR)
