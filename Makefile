@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 DATA := data/rotten-tomatoes
 MODEL := models/rotten-tomatoes
-REPORTS := docs/reports
+REPORTS := reports
 
 .PHONY: install demo demo-model test test-fast lint typecheck bench bench-smoke clean
 
