@@ -1,0 +1,95 @@
+"""Which exemplar store a process serves from: the bundle's embedded one, or a Qdrant server.
+
+* ``edge`` (default, one machine): the Qdrant engine in-process on the bundle's
+  ``store/`` directory.
+* ``server`` (many replicas): a collection per model version on a Qdrant server,
+  ``<prefix><version>``, shared by every predictor and the curator, so a human decision
+  applied once is seen by all replicas at their next search. The first process to
+  start a version creates the collection and uploads the bundle's support set into it
+  (upserts by id: concurrent starts write the same points), then points the
+  ``<prefix>serving`` alias at it if no version serves yet.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from model.bundle import Bundle
+from model.errors import ConfigError
+from model.store.base import ExemplarStore
+from model.store.edge import EdgeStore
+
+_UPLOAD_BATCH = 512
+
+
+class StoreConfig(BaseModel):
+    """``EXEMPLAR_STORE__*``: where the support set lives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["edge", "server"] = "edge"
+    url: str | None = None
+    api_key: SecretStr | None = None
+    collection_prefix: str = Field(default="exemplar-", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    timeout_s: int = Field(default=10, ge=1, le=600)
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> StoreConfig:
+        if self.backend == "server" and not self.url:
+            raise ValueError(
+                "EXEMPLAR_STORE__BACKEND=server needs EXEMPLAR_STORE__URL (e.g. http://qdrant:6333)"
+            )
+        return self
+
+
+def collection_name(prefix: str, version: str) -> str:
+    """Qdrant collection of one model version (only characters Qdrant accepts)."""
+    return prefix + re.sub(r"[^A-Za-z0-9_.-]", "_", version)
+
+
+def publish_support_set(bundle: Bundle, target: ExemplarStore) -> int:
+    """Copy the bundle's embedded support set into ``target``; returns the count copied."""
+    copied = 0
+    with EdgeStore(bundle.store_path) as source:
+        batch = []
+        for exemplar in source.iter_exemplars(batch_size=_UPLOAD_BATCH, with_vectors=True):
+            batch.append(exemplar)
+            if len(batch) >= _UPLOAD_BATCH:
+                target.upsert(batch)
+                copied += len(batch)
+                batch = []
+        if batch:
+            target.upsert(batch)
+            copied += len(batch)
+    return copied
+
+
+def open_store(config: StoreConfig, bundle: Bundle, client: object | None = None) -> ExemplarStore:
+    """The store the predictor searches for ``bundle``'s version.
+
+    ``client`` (a ``QdrantClient``) replaces the URL for the server back end; tests
+    pass qdrant-client's local mode here.
+    """
+    if config.backend == "edge":
+        return EdgeStore(bundle.store_path)
+    from model.store.server import ServerStore
+
+    name = collection_name(config.collection_prefix, bundle.info.version)
+    dim = bundle.info.network.num_filters
+    if client is not None:
+        store = ServerStore(name, dim=dim, client=client)  # type: ignore[arg-type]
+    elif config.url is not None:
+        store = ServerStore(
+            name, dim=dim, url=config.url, api_key=config.api_key, timeout=config.timeout_s
+        )
+    else:  # the validator already refuses this; keeps type checkers informed
+        raise ConfigError("EXEMPLAR_STORE__URL is required for the server back end")
+    if store.count() == 0:
+        publish_support_set(bundle, store)
+    alias = config.collection_prefix + "serving"
+    if store.alias_target(alias) is None:
+        store.promote(alias, name)
+    return store
