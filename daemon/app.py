@@ -10,15 +10,15 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from daemon.config import AdmissionOverrides, Settings
+from daemon.http import Health, HttpEndpoint
+from daemon.metrics import DaemonMetrics
+from daemon.worker import PredictorWorker
 from model.admission import Thresholds, calibrate
 from model.bundle import Bundle, load_bundle
 from model.errors import ConfigError
 from model.predictor import Predictor
 from model.store.base import ExemplarStore
 from model.store.edge import EdgeStore
-from daemon.http import Health, HttpEndpoint
-from daemon.metrics import DaemonMetrics
-from daemon.worker import PredictorWorker
 
 log = structlog.get_logger(__name__)
 

@@ -70,8 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         store_text=not args.no_store_text,
         network=network,
-        train=TrainOptions(max_epochs=args.epochs, seed=args.seed,
-                           progress=sys.stderr.isatty() and not args.quiet),
+        train=TrainOptions(
+            max_epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty() and not args.quiet
+        ),
     )
     if not args.register:
         build_bundle(train, Path(args.out), calib, options, say=_say)
@@ -82,8 +83,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     staging = registry.new_staging()
     try:
         build_bundle(train, staging, calib, options, say=_say)
-        version = registry.commit_staging(staging, {"status": "registered",
-                                                    "source": "exemplar train"})
+        version = registry.commit_staging(
+            staging, {"status": "registered", "source": "exemplar train"}
+        )
     finally:
         registry.clean_staging()
     if registry.serving_version() is None:
@@ -91,8 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         registry.update_lifecycle(version, {"status": "promoted", "reason": "first version"})
         _say(f"registered {version} in {args.out} and made it the serving version")
     else:
-        _say(f"registered {version} in {args.out} (serving stays "
-             f"{registry.serving_version()}; fine-tuning promotes after a shadow check)")
+        _say(
+            f"registered {version} in {args.out} (serving stays "
+            f"{registry.serving_version()}; fine-tuning promotes after a shadow check)"
+        )
     return 0
 
 
@@ -109,8 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         threshold = loaded.bundle.info.baseline.get("softmax_threshold")
         if settings.admission.alpha is not None:
             threshold = _recalibrated_softmax(loaded.bundle, settings.admission.alpha)
-        report, curves = evaluate(loaded.predictor, examples, threshold,
-                                  loaded.bundle.calibration)
+        report, curves = evaluate(loaded.predictor, examples, threshold, loaded.bundle.calibration)
     finally:
         loaded.close()
     report["data"] = str(args.data)
@@ -121,8 +124,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"report: {args.json}")
     if args.plot:
         if curves:
-            plot_risk_coverage(curves, report["alpha"], Path(args.plot),
-                               f"risk-coverage: {Path(args.data).name}")
+            plot_risk_coverage(
+                curves, report["alpha"], Path(args.plot), f"risk-coverage: {Path(args.data).name}"
+            )
             print(f"plot: {args.plot}")
         else:
             _say("no labelled rows: nothing to plot")
@@ -160,8 +164,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     finally:
         loaded.close()
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(render_explanation(text, pred, loaded.predictor.version, as_json=args.json,
-                             colour=colour, top=args.nearest))
+    print(
+        render_explanation(
+            text, pred, loaded.predictor.version, as_json=args.json, colour=colour, top=args.nearest
+        )
+    )
     return 0
 
 
@@ -185,16 +192,24 @@ def cmd_index(args: argparse.Namespace) -> int:
         labels = loaded.predictor.labels
         unknown = sorted({str(e.label) for e in examples} - set(labels))
         if unknown:
-            raise DataError(f"{args.data}: labels {unknown} are unknown to the model "
-                            f"(it knows {labels})")
+            raise DataError(
+                f"{args.data}: labels {unknown} are unknown to the model (it knows {labels})"
+            )
         fwd = loaded.predictor.forward([e.text for e in examples], explain=False)
         predicted = fwd.probs.argmax(axis=1)
-        loaded.store.upsert([
-            Exemplar(id=e.id, vector=fwd.exemplars[i], label=str(e.label),
-                     predicted=labels[int(predicted[i])], source=args.source,
-                     text=None if args.no_store_text else e.text)
-            for i, e in enumerate(examples)
-        ])
+        loaded.store.upsert(
+            [
+                Exemplar(
+                    id=e.id,
+                    vector=fwd.exemplars[i],
+                    label=str(e.label),
+                    predicted=labels[int(predicted[i])],
+                    source=args.source,
+                    text=None if args.no_store_text else e.text,
+                )
+                for i, e in enumerate(examples)
+            ]
+        )
         total = loaded.store.count()
     finally:
         loaded.close()
@@ -245,9 +260,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         change = f"{e.old_label or '-'} -> {e.new_label or '-'}"
         source = f" (event {e.source_event})" if e.source_event else ""
         note = f"  # {e.note}" if e.note else ""
-        print(f"{e.seq:>5}  {e.at}  {e.reviewer:<12} {e.action:<8} {e.target_id}  {change}"
-              f"  [{e.old_source or '-'} -> {e.new_source or '-'}]{source}  "
-              f"model {e.model_version}{note}")
+        print(
+            f"{e.seq:>5}  {e.at}  {e.reviewer:<12} {e.action:<8} {e.target_id}  {change}"
+            f"  [{e.old_source or '-'} -> {e.new_source or '-'}]{source}  "
+            f"model {e.model_version}{note}"
+        )
     return 0
 
 
@@ -261,10 +278,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     registry = Registry(root)
     entries = registry.versions()
     if args.json:
-        print(json.dumps([
-            {"version": e.version, "status": e.status, "serving": e.serving,
-             "created_at": e.created_at, "metrics": e.metrics, "lifecycle": e.lifecycle}
-            for e in entries], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "version": e.version,
+                        "status": e.status,
+                        "serving": e.serving,
+                        "created_at": e.created_at,
+                        "metrics": e.metrics,
+                        "lifecycle": e.lifecycle,
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not entries:
         print(f"{root}: no versions")
@@ -273,8 +302,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         shadow = e.lifecycle.get("shadow", {}).get("new", {})
         coverage = shadow.get("coverage_at_alpha", e.metrics.get("calib_coverage"))
         accuracy = shadow.get("accuracy", e.metrics.get("calib_accuracy"))
-        line = (f"{mark} {e.version}  {e.status:<10} created {e.created_at}  "
-                f"coverage@alpha {_fmt(coverage)}  accuracy {_fmt(accuracy)}")
+        line = (
+            f"{mark} {e.version}  {e.status:<10} created {e.created_at}  "
+            f"coverage@alpha {_fmt(coverage)}  accuracy {_fmt(accuracy)}"
+        )
         if e.lifecycle.get("reason") and not e.serving:
             line += f"  ({e.lifecycle['reason']})"
         print(line)
@@ -307,15 +338,19 @@ def _models_init(root: Path, args: argparse.Namespace) -> int:
             expected = info.training.get("calib_fingerprint")
             actual = fingerprint_texts((r.text, r.label) for r in rows)
             if expected and actual != expected:
-                raise DataError(f"{args.calib}: not the calibration data {info.version} was "
-                                "calibrated on (fingerprint differs)")
+                raise DataError(
+                    f"{args.calib}: not the calibration data {info.version} was "
+                    "calibrated on (fingerprint differs)"
+                )
             write_jsonl(staging / CALIB_ROWS_FILE, rows)
-        version = registry.commit_staging(staging, {"status": "promoted",
-                                                    "reason": f"imported from {source}"})
+        version = registry.commit_staging(
+            staging, {"status": "registered", "reason": f"imported from {source}"}
+        )
     finally:
         registry.clean_staging()
     if registry.serving_version() is None:
         registry.promote(version)
+        registry.update_lifecycle(version, {"status": "promoted"})
     print(f"registry {root}: version {version} (serving {registry.serving_version()})")
     return 0
 
@@ -331,8 +366,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
     settings = _settings()
-    return run_demo(settings, model_dir=Path(args.model), data_dir=Path(args.data),
-                    events=args.events)
+    return run_demo(
+        settings, model_dir=Path(args.model), data_dir=Path(args.data), events=args.events
+    )
 
 
 # ---------------------------------------------------------------- parser
@@ -357,20 +393,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="encoder directory (default: all-MiniLM-L6-v2)")
     p.add_argument("--alpha", type=float, default=0.95, help="target admitted accuracy")
     p.add_argument("--k", type=int, default=8, help="neighbours retrieved per prediction")
-    p.add_argument("--confidence", type=float, default=0.8,
-                   help="one-sided confidence that calibrated accuracy reaches alpha")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.8,
+        help="one-sided confidence that calibrated accuracy reaches alpha",
+    )
     p.add_argument("--filters", type=int, default=1000, help="exemplar vector size M")
     p.add_argument("--layers", type=int, default=4, help="last L encoder layers used")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text")
     p.add_argument("--epochs", type=int, default=40, help="maximum epochs")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--fine-tune-encoder", action="store_true")
-    p.add_argument("--no-store-text", action="store_true",
-                   help="keep texts out of the store payload")
+    p.add_argument(
+        "--no-store-text", action="store_true", help="keep texts out of the store payload"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--register", action="store_true",
-                   help="--out is a model registry: add the bundle as a new version "
-                        "(serving when it is the first)")
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="--out is a model registry: add the bundle as a new version "
+        "(serving when it is the first)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="selective-prediction report on a file")
@@ -391,15 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="add labelled rows to the support set (no retraining)")
     p.add_argument("--model", help="bundle directory (default: EXEMPLAR_MODEL_DIR)")
     p.add_argument("--data", required=True)
-    p.add_argument("--source", default="index", choices=["index", "human"],
-                   help="'human' marks rows as reviewed mappings")
+    p.add_argument(
+        "--source",
+        default="index",
+        choices=["index", "human"],
+        help="'human' marks rows as reviewed mappings",
+    )
     p.add_argument("--no-store-text", action="store_true")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("run", help="run the streaming service (settings from EXEMPLAR_*)")
     p.add_argument("--model", help="bundle or registry directory (default: EXEMPLAR_MODEL_DIR)")
-    p.add_argument("--role", choices=["predictor", "curator", "all"],
-                   help="what to run (default: EXEMPLAR_ROLE, else all)")
+    p.add_argument(
+        "--role",
+        choices=["predictor", "curator", "all"],
+        help="what to run (default: EXEMPLAR_ROLE, else all)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("audit", help="list the changes humans made to the support set")

@@ -42,8 +42,13 @@ class AdmissionOverrides(_Frozen):
 
     def active(self) -> bool:
         return any(
-            (self.alpha is not None, self.q_min is not None, self.tau, self.margin,
-             self.near_duplicate is not None)
+            (
+                self.alpha is not None,
+                self.q_min is not None,
+                self.tau,
+                self.margin,
+                self.near_duplicate is not None,
+            )
         )
 
 
@@ -88,7 +93,8 @@ class CuratorConfig(_Frozen):
     group_id: str | None = Field(default=None, description="default: <kafka group>-curator")
     pending_ttl_s: float = Field(default=30 * 86400.0, gt=0.0)
     calib_path: Path | None = Field(
-        default=None, description="calibration rows when the serving bundle has no calib.jsonl")
+        default=None, description="calibration rows when the serving bundle has no calib.jsonl"
+    )
     state_dir: Path | None = Field(default=None, description="default: <model_dir>/state")
 
     @field_validator("cron")
@@ -171,9 +177,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
     except ValueError as exc:  # e.g. a nested value that is not valid JSON
         raise ConfigError(f"invalid configuration: {exc}") from None

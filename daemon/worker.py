@@ -90,13 +90,19 @@ def adjudication_request(
         scores=pred.scores,
         reasons=list(pred.verdict.reasons),
         nearest=[
-            Neighbor(exemplar_id=n.id, label=n.label, distance=max(0.0, n.distance),
-                     source=n.source, text=n.text)
+            Neighbor(
+                exemplar_id=n.id,
+                label=n.label,
+                distance=max(0.0, n.distance),
+                source=n.source,
+                text=n.text,
+            )
             for n in pred.nearest[:EVIDENCE_NEIGHBOURS]
         ],
         contributions=[
             WordContribution(word=w.word, score=w.score, start=w.start, end=w.end)
-            for w in pred.words if w.word.strip()
+            for w in pred.words
+            if w.word.strip()
         ],
         model_version=version,
         source_topic=record.topic,
@@ -130,7 +136,7 @@ class PredictorWorker:
         settings: Settings,
         predictor: Predictor,
         metrics: DaemonMetrics,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         consumer_factory: Callable[[], BatchConsumer] | None = None,
         producer_factory: Callable[[], OutputProducer] | None = None,
         health: Health | None = None,
@@ -145,12 +151,13 @@ class PredictorWorker:
         self.health = health or Health()
         self.predictor = predictor
         self.metrics = metrics
-        self.backoff = backoff
+        self.backoff = backoff or Backoff()
         self.state = RunState.CREATED
         self.stop_event = threading.Event()
         self._consumer_factory = consumer_factory or (
-            lambda: BatchConsumer(settings.kafka, [settings.topics.input],
-                                  group_id=settings.kafka.group_id)
+            lambda: BatchConsumer(
+                settings.kafka, [settings.topics.input], group_id=settings.kafka.group_id
+            )
         )
         self._producer_factory = producer_factory or (lambda: OutputProducer(settings.kafka))
         self._consumer: BatchConsumer | None = None
@@ -168,8 +175,9 @@ class PredictorWorker:
         """Ask the loop to finish its batch and stop; safe from a signal handler."""
         self.stop_event.set()
 
-    def swap_predictor(self, predictor: Predictor,
-                       on_swapped: Callable[[Predictor], None] | None = None) -> None:
+    def swap_predictor(
+        self, predictor: Predictor, on_swapped: Callable[[Predictor], None] | None = None
+    ) -> None:
         """Serve ``predictor`` from the next batch on (never in the middle of one).
 
         ``on_swapped(old)`` runs on the loop's thread once no batch uses the old
@@ -190,14 +198,28 @@ class PredictorWorker:
         with ExitStack() as stack:
             try:
                 if self.settings.topics.create_missing:
-                    retry("ensure_topics",
-                          lambda: ensure_topics(self.settings.kafka, self.settings.topics),
-                          stop, self.backoff, self._count_retry)
-                self._consumer = retry("connect_consumer", self._consumer_factory, stop,
-                                       self.backoff, self._count_retry)
+                    retry(
+                        "ensure_topics",
+                        lambda: ensure_topics(self.settings.kafka, self.settings.topics),
+                        stop,
+                        self.backoff,
+                        self._count_retry,
+                    )
+                self._consumer = retry(
+                    "connect_consumer",
+                    self._consumer_factory,
+                    stop,
+                    self.backoff,
+                    self._count_retry,
+                )
                 stack.callback(self._consumer.close)
-                self._producer = retry("connect_producer", self._producer_factory, stop,
-                                       self.backoff, self._count_retry)
+                self._producer = retry(
+                    "connect_producer",
+                    self._producer_factory,
+                    stop,
+                    self.backoff,
+                    self._count_retry,
+                )
                 stack.callback(self._producer.close)
             except StopRequested:
                 self._set_state(RunState.STOPPED)
@@ -205,14 +227,19 @@ class PredictorWorker:
             self._publish_model()
             self._set_state(RunState.RUNNING)
             self.metrics.running.set(1)
-            log.info("predictor_running", input=self.settings.topics.input,
-                     group=self.settings.kafka.group_id, model=self.predictor.version)
+            log.info(
+                "predictor_running",
+                input=self.settings.topics.input,
+                group=self.settings.kafka.group_id,
+                model=self.predictor.version,
+            )
             try:
                 while not stop.is_set():
                     self.health.beat()
                     self._apply_swap()
-                    records = retry("poll", lambda: self._poll(), stop, self.backoff,
-                                    self._count_retry)
+                    records = retry(
+                        "poll", lambda: self._poll(), stop, self.backoff, self._count_retry
+                    )
                     if records:
                         self.process(records)
                     self._observe_lag()
@@ -240,12 +267,12 @@ class PredictorWorker:
 
         t0 = time.perf_counter()
         decoded = [
-            decode_event(r.value, r.key, r.topic, r.partition, r.offset, max_text)
-            for r in records
+            decode_event(r.value, r.key, r.topic, r.partition, r.offset, max_text) for r in records
         ]
         stage.labels("decode").observe(time.perf_counter() - t0)
-        events = [(r, d) for r, d in zip(records, decoded, strict=True)
-                  if isinstance(d, InputEvent)]
+        events = [
+            (r, d) for r, d in zip(records, decoded, strict=True) if isinstance(d, InputEvent)
+        ]
         texts = [d.text for _, d in events]
 
         predictor = self.predictor
@@ -253,8 +280,9 @@ class PredictorWorker:
         for name, seconds in result.timings.items():
             stage.labels(name).observe(seconds)
         if self._on_predictions is not None:
-            observed = [(event, pred) for (_, event), pred
-                        in zip(events, result.predictions, strict=True)]
+            observed = [
+                (event, pred) for (_, event), pred in zip(events, result.predictions, strict=True)
+            ]
             hook = self._on_predictions
             self._with_paused("record", lambda: hook(observed, predictor))
 
@@ -264,12 +292,18 @@ class PredictorWorker:
         for (record, event), pred in zip(events, result.predictions, strict=True):
             self._observe_prediction(pred)
             if pred.admitted:
-                messages.append((topics.output, event.id,
-                                 label_record(event, record, pred, predictor.version)))
+                messages.append(
+                    (topics.output, event.id, label_record(event, record, pred, predictor.version))
+                )
                 outcome.admitted += 1
             else:
-                messages.append((topics.adjudication, event.id,
-                                 adjudication_request(event, record, pred, predictor.version)))
+                messages.append(
+                    (
+                        topics.adjudication,
+                        event.id,
+                        adjudication_request(event, record, pred, predictor.version),
+                    )
+                )
                 outcome.adjudication += 1
         for item in decoded:
             if isinstance(item, DeadLetter):
@@ -297,9 +331,11 @@ class PredictorWorker:
         for r in records:
             if r.timestamp_ms is not None:
                 self.metrics.event_latency.observe(max(0.0, (now_ms - r.timestamp_ms) / 1000))
-        for name, count in (("admitted", outcome.admitted),
-                            ("adjudication", outcome.adjudication),
-                            ("dead_letter", outcome.dead_letter)):
+        for name, count in (
+            ("admitted", outcome.admitted),
+            ("adjudication", outcome.adjudication),
+            ("dead_letter", outcome.dead_letter),
+        ):
             if count:
                 self.metrics.events.labels(name).inc(count)
         self.metrics.batches.inc()
@@ -309,8 +345,13 @@ class PredictorWorker:
         self.totals.admitted += outcome.admitted
         self.totals.adjudication += outcome.adjudication
         self.totals.dead_letter += outcome.dead_letter
-        log.debug("batch_committed", records=len(records), admitted=outcome.admitted,
-                  adjudication=outcome.adjudication, dead_letter=outcome.dead_letter)
+        log.debug(
+            "batch_committed",
+            records=len(records),
+            admitted=outcome.admitted,
+            adjudication=outcome.adjudication,
+            dead_letter=outcome.dead_letter,
+        )
         return outcome
 
     def _send_all(self, messages: Sequence[tuple[str, str, object]]) -> None:
@@ -346,8 +387,9 @@ class PredictorWorker:
         try:
             # The stop flag is not consulted here: the batch in hand must finish so
             # its offsets can be committed; a separate Event lets retries run on.
-            return retry(operation, fn, threading.Event(), self.backoff, self._count_retry,
-                         wait=wait)
+            return retry(
+                operation, fn, threading.Event(), self.backoff, self._count_retry, wait=wait
+            )
         finally:
             if paused:
                 consumer.resume(paused)

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import structlog
 
-
 from streams.broker import EmbeddedBroker
 from streams.config import KafkaConfig, TopicsConfig
 

@@ -151,3 +151,65 @@ def test_state_survives_reopen_and_counts_candidates(tmp_path: Path) -> None:
     assert state.abandon_unfinished_runs() == 1
     assert state.runs()[-1].id == run and state.runs()[-1].outcome == "failed"
     state.close()
+
+
+def test_trigger_policy_counts_thresholds_and_min_interval(tmp_path: Path) -> None:
+    from daemon.config import CuratorConfig
+    from daemon.finetune import TriggerPolicy
+
+    state = LifecycleState(tmp_path)
+    config = CuratorConfig(
+        min_candidates=2, min_decisions=2, candidate_ratio=0.5, min_interval_s=100.0
+    )
+    policy = TriggerPolicy(state, config)
+    assert policy.due(now=1000.0) is None
+    state.record_batch(
+        [],
+        [
+            Candidate("c1", "t", "a", "x", "a", 0.1, 0.2, "v1"),
+            Candidate("c2", "t", "a", "x", "a", 0.1, 0.9, "v1"),
+        ],
+    )
+    assert policy.due(now=1000.0) is None  # the second one is too far to count
+    state.record_batch([], [Candidate("c3", "t", "b", "y", "b", 0.1, 0.4, "v1")])
+    assert policy.due(now=1000.0) == "2 candidates >= 2"
+    state.put("finetune_started_at", "950")
+    assert policy.due(now=1000.0) is None  # too soon after the last run
+    state.mark_candidates_used(["c1", "c3"], "v2")
+    for i in range(2):
+        state.append_audit(
+            reviewer="r",
+            action="add",
+            target_id=f"e{i}",
+            source_event=None,
+            old_label=None,
+            new_label="a",
+            old_source=None,
+            new_source="human",
+            note=None,
+            text="t",
+            model_version="v1",
+            decided_at=None,
+            decision_ref=None,
+        )
+    assert policy.due(now=1100.0) == "2 decisions >= 2"
+    state.put("finetune_audit_seq", str(state.last_audit_seq()))
+    assert policy.due(now=1100.0) is None
+    state.close()
+
+
+def test_scheduler_registers_the_interval_and_the_cron_check() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from daemon.config import CuratorConfig
+    from daemon.finetune import FinetuneScheduler
+
+    runner = cast(Any, SimpleNamespace(stop=threading.Event(), run_if_due=lambda _t: None))
+    scheduler = FinetuneScheduler(runner, CuratorConfig(check_interval_s=60, cron="0 3 * * *"))
+    jobs = {job.id: job for job in scheduler.scheduler.get_jobs()}
+    assert set(jobs) == {"finetune-interval", "finetune-cron"}
+    assert "cron" in str(jobs["finetune-cron"].trigger)
+    scheduler.start()
+    scheduler.shutdown()
+    assert runner.stop.is_set()  # shutting down kills a running job
