@@ -12,13 +12,13 @@ from prometheus_client import CollectorRegistry
 from daemon.config import AdmissionOverrides, Settings
 from daemon.http import Health, HttpEndpoint
 from daemon.metrics import DaemonMetrics
+from daemon.stores import open_store
 from daemon.worker import PredictorWorker
 from model.admission import Thresholds, calibrate
 from model.bundle import Bundle, load_bundle
 from model.errors import ConfigError
 from model.predictor import Predictor
 from model.store.base import ExemplarStore
-from model.store.edge import EdgeStore
 
 log = structlog.get_logger(__name__)
 
@@ -51,10 +51,10 @@ def effective_thresholds(bundle: Bundle, overrides: AdmissionOverrides) -> Thres
 
 
 def load(settings: Settings, model_dir: str | None = None, batch_size: int = 64) -> Loaded:
-    """Load the bundle at ``model_dir`` (default: settings) with its embedded store."""
+    """Load the bundle at ``model_dir`` (default: settings) with its store (EXEMPLAR_STORE__*)."""
     bundle = load_bundle(model_dir or settings.model_dir)
     thresholds = effective_thresholds(bundle, settings.admission)
-    store = EdgeStore(bundle.store_path)
+    store = open_store(settings.store, bundle)
     predictor = Predictor(bundle.network, bundle.tokenizer, store, thresholds,
                           bundle.info.version, batch_size=batch_size)
     return Loaded(bundle, store, predictor)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from daemon.stores import StoreConfig
 from model.errors import ConfigError
 from streams.config import KafkaConfig, TopicsConfig
 
@@ -135,6 +136,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     curator: CuratorConfig = CuratorConfig()
+    store: StoreConfig = StoreConfig()
 
     @field_validator("model_dir")
     @classmethod

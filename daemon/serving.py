@@ -21,10 +21,10 @@ import structlog
 
 from daemon.app import effective_thresholds
 from daemon.config import AdmissionOverrides
+from daemon.stores import StoreConfig, open_store
 from model.bundle import Bundle, load_bundle
 from model.predictor import Predictor
 from model.registry import Registry
-from model.store.edge import EdgeStore
 from model.store.locked import LockedStore
 
 log = structlog.get_logger(__name__)
@@ -48,11 +48,16 @@ class ServingVersion:
         return list(self.predictor.labels)
 
 
-def open_version(path: Path, overrides: AdmissionOverrides, batch_size: int = 64) -> ServingVersion:
-    """Load the bundle at ``path`` with its store behind a lock."""
+def open_version(
+    path: Path,
+    overrides: AdmissionOverrides,
+    batch_size: int = 64,
+    store_config: StoreConfig | None = None,
+) -> ServingVersion:
+    """Load the bundle at ``path`` with its store (embedded or server) behind a lock."""
     bundle = load_bundle(path)
     thresholds = effective_thresholds(bundle, overrides)
-    store = LockedStore(EdgeStore(bundle.store_path))
+    store = LockedStore(open_store(store_config or StoreConfig(), bundle))
     predictor = Predictor(
         bundle.network,
         bundle.tokenizer,
@@ -78,8 +83,10 @@ class ServingModel:
         registry: Registry | None,
         overrides: AdmissionOverrides,
         batch_size: int = 64,
+        store_config: StoreConfig | None = None,
     ) -> None:
         self.current = current
+        self.store_config = store_config or StoreConfig()
         self.registry = registry
         self.overrides = overrides
         self.batch_size = batch_size
@@ -94,13 +101,15 @@ class ServingModel:
         registry: Registry | None,
         overrides: AdmissionOverrides,
         batch_size: int = 64,
+        store_config: StoreConfig | None = None,
     ) -> ServingModel:
         return cls(
-            open_version(bundle_path, overrides, batch_size), registry, overrides, batch_size
+            open_version(bundle_path, overrides, batch_size, store_config),
+            registry, overrides, batch_size, store_config,
         )
 
     def open_version(self, path: Path) -> ServingVersion:
-        return open_version(path, self.overrides, self.batch_size)
+        return open_version(path, self.overrides, self.batch_size, self.store_config)
 
     def add_listener(self, listener: SwapListener) -> None:
         self._listeners.append(listener)
