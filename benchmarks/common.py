@@ -70,8 +70,8 @@ class Sizes:
     @classmethod
     def full(cls, skip_1m: bool = False, index_1m: bool = False) -> Sizes:
         matching = [
-            MatchingCase(10_000, None, 256),
-            MatchingCase(100_000, None, 256),
+            MatchingCase(10_000, None, 1024),
+            MatchingCase(100_000, None, 1024),
             # HNSW over 1M x 1000 takes far longer than the whole run on 2 shared cores
             # (see matching.py): at 1M the exact scan is measured, HNSW extrapolated.
             MatchingCase(1_000_000, None, 128, index=index_1m),
@@ -81,10 +81,10 @@ class Sizes:
         return cls(
             events=2048,
             throughput_rounds=4,
-            naive_events=256,
+            naive_events=128,
             variant_events=384,
             variant_rounds=2,
-            latency_seconds=20.0,
+            latency_seconds=15.0,
             latency_fractions=(0.25, 0.5, 0.9),
             pad_support_to=10_000,
             matching=tuple(matching),

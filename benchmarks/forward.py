@@ -67,13 +67,14 @@ VARIANTS = (
     Variant("fixed padding to max_length", padding="max_length"),
     Variant("length buckets of 16", sub_batch=16),
     Variant("1 torch thread", threads=1),
+    Variant("1 torch thread + buckets of 16", threads=1, sub_batch=16),
     Variant("bf16 autocast", autocast=True, numeric=True),
     Variant("bf16 weights", weights="bf16", numeric=True),
     Variant("bf16 encoder, fp32 head", weights="bf16_encoder", numeric=True),
     Variant("int8 dynamic (encoder Linear)", weights="int8", numeric=True),
     # same arithmetic as their single-change rows (whose test-split check they share)
-    Variant("bf16 weights + buckets of 16", weights="bf16", sub_batch=16),
     Variant("bf16 weights + 1 torch thread", weights="bf16", threads=1),
+    Variant("bf16 weights + 1 thread + buckets of 16", weights="bf16", threads=1, sub_batch=16),
 )
 
 

@@ -13,9 +13,10 @@ memory goes back to the OS when it exits):
 4. reopen with ``exact=True`` (full scan even of indexed segments) -> exact cost and the
    ground truth; reopen as the daemon does -> HNSW cost and recall@k against exact ids.
 
-Costs are per event (wall time of a 64-query batch / 64) with payloads, as the predictor
-calls it; the ratio to the model's per-event forward time (figure 1's bare forward) is
-the target's measure.
+Costs are per event (wall time of 64-query batches / 64, best of 2-3 passes over the
+queries to keep other processes' bursts out) with payloads, as the predictor calls it;
+the ratio to the model's per-event forward time (figure 1's bare forward) is the
+target's measure.
 
 **1M x 1000.** Building HNSW over 1M x 1000 floats does not fit the run: here 100k x 1000
 took about 2 minutes and 1M x 64 took 11 minutes (0.76 ms/event after it) on 2 shared
@@ -161,16 +162,21 @@ def extrapolate(cases: list[dict[str, Any]], model_ms: float | None) -> dict[str
 # --- one case, in its own process ---------------------------------------------------------
 
 
-def _search(store: EdgeStore, queries: npt.NDArray[np.float32]) -> tuple[float, list[list[str]]]:
-    """ms per event over batches of 64, and the ids found."""
+def _search(
+    store: EdgeStore, queries: npt.NDArray[np.float32], repeats: int
+) -> tuple[float, list[list[str]]]:
+    """ms per event over batches of 64 (best of ``repeats`` passes), and the ids found."""
     store.search(queries[:BATCH], K)  # warm-up: page the segments in
     ids: list[list[str]] = []
-    started = time.perf_counter()
-    for start in range(0, len(queries), BATCH):
-        ids.extend(
-            [[h.id for h in hits] for hits in store.search(queries[start : start + BATCH], K)]
-        )
-    return 1000 * (time.perf_counter() - started) / len(queries), ids
+    best = float("inf")
+    for attempt in range(repeats):
+        started = time.perf_counter()
+        for start in range(0, len(queries), BATCH):
+            hits = store.search(queries[start : start + BATCH], K)
+            if attempt == 0:
+                ids.extend([h.id for h in row] for row in hits)
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best / len(queries), ids
 
 
 def run_case(
@@ -192,7 +198,8 @@ def run_case(
     store = EdgeStore(store_dir, dim=dim, indexing_threshold_kb=1)
     insert_s = fill_store(store, support, n, seed=n + dim, project=proj)
     rss_insert = rss_mb()
-    plain_ms, _ = _search(store, queries)
+    repeats = 2 if n >= 1_000_000 else 3
+    plain_ms, _ = _search(store, queries, repeats)
     result: dict[str, Any] = {
         "n": n,
         "dim": dim,
@@ -225,10 +232,10 @@ def run_case(
     started = time.perf_counter()
     exact_store = EdgeStore(store_dir, exact=True)
     result["open_s"] = time.perf_counter() - started
-    result["exact_ms_per_event"], truth = _search(exact_store, queries)
+    result["exact_ms_per_event"], truth = _search(exact_store, queries, repeats)
     exact_store.close()
     store = EdgeStore(store_dir)
-    result["hnsw_ms_per_event"], found = _search(store, queries)
+    result["hnsw_ms_per_event"], found = _search(store, queries, repeats)
     store.close()
     result["recall_at_k"] = float(
         np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth, strict=True)])

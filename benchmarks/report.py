@@ -52,11 +52,12 @@ def _row(
     }
 
 
-def daemon_limit(tp: dict[str, Any]) -> str:
-    d = tp["daemon"]
+def daemon_limit(tp: dict[str, Any], one_thread: bool = False) -> str:
+    suffix = "_1thread" if one_thread else ""
+    d = tp["daemon" + suffix]
     stages = d["stage_ms_per_event"]
     wall = d["wall_ms_per_event"]
-    bare = 1000 / tp["bare_forward_eps"]
+    bare = 1000 / tp["paths"]["bare" + suffix]["eps"]
     inside = stages.get("batch", sum(v for k, v in stages.items() if k != "batch"))
     parts = {k: v for k, v in stages.items() if k != "batch"}
     parts["outside batches (poll wait, lag check)"] = max(0.0, wall - inside)
@@ -64,8 +65,8 @@ def daemon_limit(tp: dict[str, Any]) -> str:
     worst = max(extra, key=lambda k: extra[k])
     listing = ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
     forward_gap = parts.get("forward", 0.0) - bare
-    cpu_d = tp["paths"]["daemon"]["cpu_ms_per_event"]
-    cpu_b = tp["paths"]["bare"]["cpu_ms_per_event"]
+    cpu_d = tp["paths"]["daemon" + suffix]["cpu_ms_per_event"]
+    cpu_b = tp["paths"]["bare" + suffix]["cpu_ms_per_event"]
     return (
         f"per event {wall:.2f} ms in the daemon vs {bare:.2f} ms bare forward; daemon "
         f"stages (ms/event): {listing}. Largest cost beyond the forward pass: {worst} "
@@ -77,14 +78,31 @@ def daemon_limit(tp: dict[str, Any]) -> str:
     )
 
 
-def naive_limit(tp: dict[str, Any]) -> str:
-    per = 1000 / tp["naive_eps"]
-    steps = tp["naive"].get("step_ms_per_event", {})
-    listing = ", ".join(f"{k} {v:.1f}" for k, v in sorted(steps.items(), key=lambda kv: -kv[1]))
+def naive_limit(tp: dict[str, Any], key: str) -> str:
+    naive = tp[key]
+    steps = naive.get("step_ms_per_event", {})
+    detail = tp["daemon_1thread" if key.endswith("1thread") else "daemon"]
+    stages = detail["stage_ms_per_event"]
+    model_naive = steps.get("predict", 0.0)
+    model_daemon = sum(stages.get(k, 0.0) for k in ("forward", "search", "admission"))
+    kafka_naive = sum(steps.get(k, 0.0) for k in ("poll", "produce_flush", "commit"))
+    kafka_daemon = sum(stages.get(k, 0.0) for k in ("decode", "produce", "commit"))
+    gain = model_naive / max(model_daemon, 1e-9)
+    ceiling = (model_naive + kafka_naive) / max(model_daemon + kafka_daemon, 1e-9)
+    why = (
+        "the model's per-event cost hardly drops with batch size on this CPU (padding to "
+        "the batch's longest text eats the GEMM gain) and a local broker's round trips are "
+        "cheap"
+        if gain < 2
+        else "most of it is the batch-of-one forward pass: fixed per-call costs (tokenizer "
+        "call, Python dispatch and, with several OpenMP threads on busy cores, a barrier "
+        "per op) are paid per event instead of per batch"
+    )
     return (
-        f"the naive loop spends {per:.1f} ms per event ({listing}): a batch-of-one forward "
-        f"pass plus one produce round trip (flush) and one synchronous commit per event; the "
-        f"daemon amortises all three over batches of {tp['batch_size']}."
+        f"per event: predict {model_naive:.1f} ms one at a time vs {model_daemon:.1f} ms in "
+        f"batches of {tp['batch_size']} ({gain:.1f}x); broker round trips (poll, flush, "
+        f"commit) {kafka_naive:.1f} ms vs {kafka_daemon:.2f} ms. Batching can give about "
+        f"{ceiling:.1f}x at most here: {why}."
     )
 
 
@@ -131,7 +149,28 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 tp["daemon_vs_naive"],
                 5.0,
                 True,
-                naive_limit(tp),
+                naive_limit(tp, "naive"),
+                "x",
+            )
+        )
+        one = "1 torch thread"
+        rows.append(
+            _row(
+                f"daemon throughput >= 0.9 x bare forward ({one})",
+                tp["daemon_vs_bare_1thread"],
+                0.9,
+                True,
+                daemon_limit(tp, one_thread=True),
+                "x",
+            )
+        )
+        rows.append(
+            _row(
+                f"daemon throughput >= 5 x naive per-event loop ({one})",
+                tp["daemon_vs_naive_1thread"],
+                5.0,
+                True,
+                naive_limit(tp, "naive_1thread"),
                 "x",
             )
         )
@@ -277,6 +316,7 @@ def _throughput(tp: dict[str, Any]) -> list[str]:
         "daemon_noexplain": "daemon, explain=False",
         "bare_noexplain": "bare forward, explain=False",
         "daemon_1thread": f"daemon, 1 torch thread (default {tp['torch_threads_default']})",
+        "bare_1thread": "bare forward, explain=True, 1 torch thread",
     }
     out = [
         f"## 1. Throughput ({tp['rounds']} rounds x {tp['events_per_round']} events per path,"
@@ -302,15 +342,16 @@ def _throughput(tp: dict[str, Any]) -> list[str]:
             "",
         ]
     )
-    rows.append(
-        [
-            f"naive per-event loop ({tp['naive_events']} events)",
-            _num(tp["naive_eps"]),
-            "",
-            _num(1000 / tp["naive_eps"], 2),
-            "",
-        ]
-    )
+    for key, label in (("naive_eps", ""), ("naive_1thread_eps", ", 1 torch thread")):
+        rows.append(
+            [
+                f"naive per-event loop ({tp['naive_events']} events{label})",
+                _num(tp[key]),
+                "",
+                _num(1000 / tp[key], 2),
+                "",
+            ]
+        )
     out += _table(
         ["path", "events/s (median)", "per round", "wall ms/event", "CPU ms/event (incl. broker)"],
         rows,
@@ -323,7 +364,9 @@ def _throughput(tp: dict[str, Any]) -> list[str]:
         f"- word contributions (explain=True) cost {_pct(tp['explain_cost_bare'])} of bare "
         f"forward throughput and {_pct(tp['explain_cost_daemon'])} of daemon throughput",
         f"- one torch thread instead of {tp['torch_threads_default']}: "
-        f"{tp['one_thread_vs_default_daemon']:.2f}x the daemon's throughput",
+        f"{tp['one_thread_vs_default_daemon']:.2f}x the daemon's throughput; with one thread "
+        f"daemon / bare = {tp['daemon_vs_bare_1thread']:.3f}, daemon / naive = "
+        f"{tp['daemon_vs_naive_1thread']:.1f}",
         f"- every event in exactly one output topic: {d['every_event_once']} (missing "
         f"{d['missing']}, duplicates {d['duplicates']}); {d['batches']} batches",
         "",

@@ -14,10 +14,11 @@ loaded predictor, in one process:
 * **daemon_noexplain** / **bare_noexplain** - the same without word contributions (a
   ``Predictor`` subclass passing ``explain=False``): the price of the explanations the
   daemon attaches to adjudication records.
-* **daemon_1thread** - the daemon with one torch thread instead of the default (the broker
-  and the Kafka client threads share the cores with it).
+* **daemon_1thread** / **bare_1thread** - the same with one torch thread instead of the
+  default (the broker and the Kafka client threads share the cores with it).
 * **naive** - one event at a time: poll one record, predict it, send one output and flush,
-  commit that offset (the same adapters as the daemon); measured once, at the end.
+  commit that offset (the same adapters as the daemon); measured at the end, with the
+  default thread count and with one thread.
 
 The machine is shared, so the paths run in rounds over the same text segment, the order
 rotated every round, and ratios are medians of per-round ratios (each pair measured
@@ -202,7 +203,7 @@ def run_naive(
     }
 
 
-PATHS = ("bare", "daemon", "daemon_noexplain", "daemon_1thread", "bare_noexplain")
+PATHS = ("bare", "daemon", "daemon_noexplain", "daemon_1thread", "bare_noexplain", "bare_1thread")
 
 
 def run_path(
@@ -215,6 +216,9 @@ def run_path(
         result = bare_forward(predictor, texts, explain=True)
     elif path == "bare_noexplain":
         result = bare_forward(predictor, texts, explain=False)
+    elif path == "bare_1thread":
+        with torch_threads(1):
+            result = bare_forward(predictor, texts, explain=True)
     elif path == "daemon":
         result = run_daemon(predictor, bootstrap, texts, tag, timeout, session_ms)
     elif path == "daemon_noexplain":
@@ -279,10 +283,13 @@ def measure(ctx: Context, predictor: Predictor, bootstrap: str) -> dict[str, Any
     summary = {p: _summary(v) for p, v in runs.items()}
     predict = bare_predict(predictor, per_round[0])
     naive_texts = texts[: sizes.naive_events]
-    naive = run_naive(
-        predictor, bootstrap, naive_texts, "naive", 60.0 + 5.0 * len(naive_texts), session
-    )
-    ctx.say(f"  naive {naive['eps']:.1f} ev/s")
+    naive_timeout = 60.0 + 5.0 * len(naive_texts)
+    naive = run_naive(predictor, bootstrap, naive_texts, "naive", naive_timeout, session)
+    with torch_threads(1):
+        naive_1thread = run_naive(
+            predictor, bootstrap, naive_texts, "naive1", naive_timeout, session
+        )
+    ctx.say(f"  naive {naive['eps']:.1f} ev/s, with 1 torch thread {naive_1thread['eps']:.1f}")
     daemon_eps, bare_eps = summary["daemon"]["eps"], summary["bare"]["eps"]
     ctx.shared["daemon_eps"] = daemon_eps
     return {
@@ -300,6 +307,10 @@ def measure(ctx: Context, predictor: Predictor, bootstrap: str) -> dict[str, Any
         "explain_cost_bare": 1 - _paired(runs, "bare", "bare_noexplain"),
         "explain_cost_daemon": 1 - _paired(runs, "daemon", "daemon_noexplain"),
         "one_thread_vs_default_daemon": _paired(runs, "daemon_1thread", "daemon"),
+        "bare_1thread_eps": summary["bare_1thread"]["eps"],
+        "daemon_vs_bare_1thread": _paired(runs, "daemon_1thread", "bare_1thread"),
+        "naive_1thread_eps": naive_1thread["eps"],
+        "daemon_vs_naive_1thread": summary["daemon_1thread"]["eps"] / naive_1thread["eps"],
         "torch_threads_default": torch.get_num_threads(),
         "paths": summary,
         "bare_predict_eps": predict["eps"],
@@ -311,5 +322,7 @@ def measure(ctx: Context, predictor: Predictor, bootstrap: str) -> dict[str, Any
         "batch_size": BATCH,
         "support_set": ctx.shared.get("daemon_support_size"),
         "daemon": _daemon_detail(runs["daemon"]),
+        "daemon_1thread": _daemon_detail(runs["daemon_1thread"]),
         "naive": naive,
+        "naive_1thread": naive_1thread,
     }

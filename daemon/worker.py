@@ -171,6 +171,11 @@ class PredictorWorker:
         self.totals = BatchOutcome()
 
     # ------------------------------------------------------------ control
+    def assigned_partitions(self) -> frozenset[Partition]:
+        """Input partitions this member owns now (empty before it joined the group)."""
+        consumer = self._consumer
+        return consumer.assignment() if consumer is not None else frozenset()
+
     def request_stop(self) -> None:
         """Ask the loop to finish its batch and stop; safe from a signal handler."""
         self.stop_event.set()

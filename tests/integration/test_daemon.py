@@ -204,6 +204,10 @@ def test_two_predictors_split_the_partitions(
     ensure_topics(kafka, topics)
     settings = settings_for(Path("unused"), kafka, topics)
     first, second = start_worker(settings), start_worker(settings)
+    # Produce only once the group has settled with both members, so each owns some input.
+    assert _wait_for(
+        lambda: bool(first.assigned_partitions()) and bool(second.assigned_partitions()), 60
+    )
     produce(kafka_broker, topics.input, good_events(120, "split"))
     seen = outputs_by_id(kafka_broker, topics, expect=120)
     assert {f"split-{i}" for i in range(120)} <= set(seen)
