@@ -110,7 +110,9 @@ def _check_labels(examples: Sequence[Example], what: str) -> None:
 
 def new_version() -> str:
     """Sortable, unique version id: UTC time plus a short random suffix."""
-    return datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    now = datetime.now(UTC)
+    # milliseconds keep two versions built within one second in creation order
+    return now.strftime("v%Y%m%d-%H%M%S") + f"{now.microsecond // 1000:03d}-" + uuid.uuid4().hex[:6]
 
 
 def build_bundle(
@@ -260,7 +262,7 @@ def build_bundle(
     admitted = _calib_coverage(stats, thresholds)
     info = BundleInfo(
         version=new_version(),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         network=config,
         encoder_fingerprint=encoder_fingerprint(resolve_encoder_path(config.encoder)),
         training={
