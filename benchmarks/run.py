@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import structlog
 
-from benchmarks import report
+from benchmarks import report, targets
 from benchmarks.common import (
     BATCH,
     Context,
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         run_figures(ctx, only, results)
         results["meta"]["load_average_end"] = load_average()
         results["meta"]["total_s"] = round(time.monotonic() - started, 1)
-    results["targets"] = report.targets(results)
+    results["targets"] = targets.evaluate(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out_dir / "RESULTS.md").write_text(report.markdown(results))
     print(
