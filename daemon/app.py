@@ -73,7 +73,7 @@ def install_stop_handlers(request_stop: Callable[[], None]) -> None:
 
 def run_predictor(settings: Settings, registry: CollectorRegistry | None = None) -> int:
     """`exemplar run`: serve the model in ``settings.model_dir`` until asked to stop."""
-    loaded = load(settings, batch_size=settings.batch.max_size)
+    loaded = load(settings, batch_size=settings.batch.forward_size)
     metrics = DaemonMetrics.create(registry or CollectorRegistry())
     health = Health()
     endpoint: HttpEndpoint | None = None

@@ -54,9 +54,15 @@ class AdmissionOverrides(_Frozen):
 
 
 class BatchConfig(_Frozen):
-    """Micro-batching of the predictor: a batch closes at max_size or max_wait_ms."""
+    """Micro-batching of the predictor: a batch closes at max_size or max_wait_ms.
+
+    ``forward_size`` splits a micro-batch into length-sorted forward passes: padding to
+    the longest text of a large batch costs more than the larger GEMMs save on CPU
+    (benchmarks/RESULTS.md, forward-pass variants).
+    """
 
     max_size: int = Field(default=64, ge=1, le=4096)
+    forward_size: int = Field(default=16, ge=1, le=4096)
     max_wait_ms: int = Field(default=200, ge=1, le=60_000)
     max_text_bytes: int = Field(default=20_000, ge=16, le=1_000_000)
 

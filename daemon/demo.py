@@ -327,7 +327,7 @@ def run_demo(settings: Settings, model_dir: Path, data_dir: Path, events: int = 
         ensure_topics(kafka, topics)
 
         t0 = time.monotonic()
-        loaded = load(settings, str(model_dir), batch_size=settings.batch.max_size)
+        loaded = load(settings, str(model_dir), batch_size=settings.batch.forward_size)
         stack.callback(loaded.close)
         _say(
             f"[2/5] model {loaded.predictor.version} loaded from {model_dir} in "

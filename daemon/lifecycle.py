@@ -130,7 +130,7 @@ class LifecycleService:
             log.warning("finetune_abandoned", runs=abandoned)
         try:
             self.serving = ServingModel.open(
-                bundle_path, model_registry, settings.admission, settings.batch.max_size,
+                bundle_path, model_registry, settings.admission, settings.batch.forward_size,
                 settings.store,
             )
         except BaseException:
