@@ -89,7 +89,27 @@ def open_store(config: StoreConfig, bundle: Bundle, client: object | None = None
         raise ConfigError("EXEMPLAR_STORE__URL is required for the server back end")
     if store.count() == 0:
         publish_support_set(bundle, store)
-    alias = config.collection_prefix + "serving"
-    if store.alias_target(alias) is None:
-        store.promote(alias, name)
+    if store.alias_target(serving_alias(config)) is None:
+        store.promote(serving_alias(config), name)
     return store
+
+
+def serving_alias(config: StoreConfig) -> str:
+    """The server alias that names the serving version's collection."""
+    return config.collection_prefix + "serving"
+
+
+def point_serving_alias(config: StoreConfig, store: ExemplarStore) -> str | None:
+    """After a promotion, point the serving alias at ``store``'s collection (one atomic
+    alias update); returns the collection it named before. The embedded back end has
+    no alias: the registry's SERVING pointer alone says which version serves."""
+    from model.store.locked import LockedStore
+    from model.store.server import ServerStore
+
+    inner = store.inner if isinstance(store, LockedStore) else store
+    if not isinstance(inner, ServerStore):
+        return None
+    alias = serving_alias(config)
+    previous = inner.alias_target(alias)
+    inner.promote(alias, inner.collection)
+    return previous
