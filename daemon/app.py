@@ -39,11 +39,19 @@ def effective_thresholds(bundle: Bundle, overrides: AdmissionOverrides) -> Thres
     """Calibrated thresholds of the bundle with the operator's overrides applied."""
     t = bundle.thresholds
     if overrides.alpha is not None and overrides.alpha != t.alpha:
-        t = calibrate(bundle.calibration, bundle.info.labels, overrides.alpha, t.k,
-                      t.near_duplicate, t.confidence)
+        t = calibrate(
+            bundle.calibration,
+            bundle.info.labels,
+            overrides.alpha,
+            t.k,
+            t.near_duplicate,
+            t.confidence,
+        )
     try:
         return t.with_overrides(
-            q_min=overrides.q_min, tau=overrides.tau or None, margin=overrides.margin or None,
+            q_min=overrides.q_min,
+            tau=overrides.tau or None,
+            margin=overrides.margin or None,
             near_duplicate=overrides.near_duplicate,
         )
     except ValueError as exc:
@@ -55,8 +63,14 @@ def load(settings: Settings, model_dir: str | None = None, batch_size: int = 64)
     bundle = load_bundle(model_dir or settings.model_dir)
     thresholds = effective_thresholds(bundle, settings.admission)
     store = open_store(settings.store, bundle)
-    predictor = Predictor(bundle.network, bundle.tokenizer, store, thresholds,
-                          bundle.info.version, batch_size=batch_size)
+    predictor = Predictor(
+        bundle.network,
+        bundle.tokenizer,
+        store,
+        thresholds,
+        bundle.info.version,
+        batch_size=batch_size,
+    )
     return Loaded(bundle, store, predictor)
 
 
@@ -79,10 +93,15 @@ def run_predictor(settings: Settings, registry: CollectorRegistry | None = None)
     endpoint: HttpEndpoint | None = None
     try:
         if settings.metrics.enabled:
-            endpoint = HttpEndpoint(settings.metrics.host, settings.metrics.port,
-                                    metrics.registry, health)
-            log.info("http_listening", metrics=f"{endpoint.url}/metrics",
-                     health=f"{endpoint.url}/healthz", ready=f"{endpoint.url}/readyz")
+            endpoint = HttpEndpoint(
+                settings.metrics.host, settings.metrics.port, metrics.registry, health
+            )
+            log.info(
+                "http_listening",
+                metrics=f"{endpoint.url}/metrics",
+                health=f"{endpoint.url}/healthz",
+                ready=f"{endpoint.url}/readyz",
+            )
         worker = PredictorWorker(settings, loaded.predictor, metrics, health=health)
         install_stop_handlers(worker.request_stop)
         worker.run()

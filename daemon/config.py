@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.stores import StoreConfig
@@ -98,6 +105,12 @@ class CuratorConfig(_Frozen):
     job_timeout_s: float = Field(default=6 * 3600.0, gt=0.0)
     max_epochs: int | None = Field(default=None, ge=1)
     group_id: str | None = Field(default=None, description="default: <kafka group>-curator")
+    model_check_interval_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="how often a predictor checks the registry for a promoted version "
+        "(besides the announcements on exemplar.models)",
+    )
     pending_ttl_s: float = Field(default=30 * 86400.0, gt=0.0)
     calib_path: Path | None = Field(
         default=None, description="calibration rows when the serving bundle has no calib.jsonl"
@@ -149,6 +162,17 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @model_validator(mode="after")
+    def _split_roles_share_a_store(self) -> Settings:
+        if self.role != "all" and self.store.backend == "edge":
+            raise ConfigError(
+                f"EXEMPLAR_ROLE={self.role} runs beside a separate "
+                f"{'curator' if self.role == 'predictor' else 'predictor'}, and both must "
+                "see one support set: set EXEMPLAR_STORE__BACKEND=server and "
+                "EXEMPLAR_STORE__URL, or run EXEMPLAR_ROLE=all (one process, embedded store)"
+            )
+        return self
+
 
 def _variable(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
@@ -185,7 +209,12 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"{_variable(err['loc'])}: {err['msg']}"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        )
         raise ConfigError(f"invalid configuration: {problems}") from None
     except ValueError as exc:  # e.g. a nested value that is not valid JSON
         raise ConfigError(f"invalid configuration: {exc}") from None

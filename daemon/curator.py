@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 
 from daemon.config import Settings
+from daemon.handoff import LifecycleFeed
 from daemon.metrics import LifecycleMetrics
 from daemon.retry import Backoff, StopRequested, retry
 from daemon.serving import ServingModel
@@ -72,9 +73,17 @@ class Invalid:
 class DecisionApplier:
     """Applies one decision to the serving support set and the audit trail."""
 
-    def __init__(self, serving: ServingModel, state: LifecycleState) -> None:
+    def __init__(
+        self,
+        serving: ServingModel,
+        state: LifecycleState,
+        catch_up: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``catch_up(event_id)`` (split roles) reads the predictors' notes until the
+        event is known or a timeout passed, before a decision's id is called unknown."""
         self.serving = serving
         self.state = state
+        self.catch_up = catch_up
 
     def apply(self, decision: Decision, ref: str | None = None) -> Applied | Invalid:
         """Apply ``decision``; ``ref`` (topic:partition:offset) makes re-delivery a no-op."""
@@ -134,6 +143,8 @@ class DecisionApplier:
                 )
                 return Applied("relabel", decision.id)
             pending = self.state.pending(decision.id)
+            if pending is None and self.catch_up is not None and self.catch_up(decision.id):
+                pending = self.state.pending(decision.id)
             if pending is None:
                 return Invalid(
                     UNKNOWN_ID,
@@ -258,8 +269,14 @@ class CuratorWorker:
         metrics: LifecycleMetrics,
         backoff: Backoff | None = None,
         on_idle: Callable[[], None] | None = None,
+        feed: LifecycleFeed | None = None,
     ) -> None:
+        """``feed`` (split roles): the predictors' notes, read beside the decisions."""
         self.settings = settings
+        self.feed = feed
+        self._consumer: BatchConsumer | None = None
+        if feed is not None:
+            applier.catch_up = self._catch_up
         self.applier = applier
         self.metrics = metrics
         self.backoff = backoff or Backoff()
@@ -286,12 +303,11 @@ class CuratorWorker:
                 )
             consumer = retry(
                 "connect_curator",
-                lambda: BatchConsumer(
-                    self.settings.kafka, [topics.decisions], group_id=self.group_id
-                ),
+                lambda: BatchConsumer(self.settings.kafka, self._topics(), group_id=self.group_id),
                 stop,
                 self.backoff,
             )
+            self._consumer = consumer
         except StopRequested:
             return
         try:
@@ -323,11 +339,24 @@ class CuratorWorker:
             consumer.close()
             log.info("curator_stopped", applied=self.applied, rejected=self.rejected)
 
+    def _topics(self) -> list[str]:
+        topics = self.settings.topics
+        return [topics.decisions] + ([topics.lifecycle] if self.feed is not None else [])
+
+    def _catch_up(self, event_id: str) -> bool:
+        assert self.feed is not None and self._consumer is not None
+        return self.feed.catch_up(self._consumer, event_id)
+
     def _process(
         self, records: Sequence[ConsumedRecord], consumer: BatchConsumer, producer: OutputProducer
     ) -> None:
         dead: list[DeadLetter] = []
+        if self.feed is not None:
+            self.feed.record(records)  # the batch's notes first: its decisions may need them
+        decisions = self.settings.topics.decisions
         for r in records:
+            if r.topic != decisions:
+                continue
             decoded = decode_message(Decision, r.value, r.key, r.topic, r.partition, r.offset)
             if isinstance(decoded, DeadLetter):
                 dead.append(decoded)

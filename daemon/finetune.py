@@ -43,6 +43,7 @@ from daemon.config import CuratorConfig, Settings
 from daemon.metrics import LifecycleMetrics
 from daemon.serving import ServingModel, ServingVersion
 from daemon.state import AuditEntry, LifecycleState
+from daemon.stores import point_serving_alias
 from model.admission import CalibrationStats, Thresholds, calibrate, decide
 from model.build import Origin, calibration_rows
 from model.data import Example, read_examples, write_jsonl
@@ -529,7 +530,17 @@ class FinetuneRunner:
         try:
             with self.serving.lock:
                 replayed = replay(self.state.audit(after_seq=audit_seq), new)
-                previous = self.registry.promote(version)
+                # The alias first: if it cannot flip, nothing changed. The SERVING
+                # pointer, which predictors follow, flips last; should that write fail,
+                # the alias goes back.
+                config = self.serving.store_config
+                old_alias = point_serving_alias(config, new.store)
+                try:
+                    previous = self.registry.promote(version)
+                except BaseException:
+                    if old_alias is not None:
+                        point_serving_alias(config, self.serving.current.store)
+                    raise
                 self.serving.swap(new)
         except BaseException:
             if self.serving.current is not new:

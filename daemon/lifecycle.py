@@ -1,105 +1,56 @@
 """``exemplar run``: the predictor, the curator and the fine-tune scheduler, wired by role.
 
 ``--role all`` (the single-machine default) runs them in one process: the predictor
-loop and the curator loop on their own threads share one embedded store handle
+loop and the curator loop on their own threads share one store handle
 (:mod:`daemon.serving`), and a promoted version is swapped into the predictor between
-two batches. ``--role predictor`` serves and records what the curator needs
-(adjudicated and candidate events) in the lifecycle state; ``--role curator`` applies
-decisions and runs fine-tunes. With the embedded store, whose directory one process
-at a time may open, the two roles cannot run side by side on one serving version:
-that split needs a store server (DESIGN §5).
+two batches.
 
-Why the predictor records adjudicated events in the state file rather than letting
-the curator consume ``exemplar.adjudication``: the row is committed before the
-adjudication request is even produced, so a decision can never race ahead of it; the
-curator re-embeds the text with the network serving *at decision time*, so the vector
-lives in the right space even after a hot swap; and nothing extra rides on the topic.
+Split roles share a Qdrant server (``EXEMPLAR_STORE__BACKEND=server``; the embedded
+store opens in one process only, so configuration refuses the split without it) and
+the model registry directory (a shared volume):
+
+* ``--role predictor`` (any number of replicas) serves, publishes rejected and close
+  admitted events on ``exemplar.lifecycle`` for the curator, and follows promotions
+  (:class:`~daemon.handoff.ModelWatcher`);
+* ``--role curator`` (exactly one) records those events, applies decisions to the
+  shared collection (every predictor sees them at its next search), and runs the
+  fine-tunes; a promotion publishes the new version's collection, replays decisions
+  onto it, flips the serving alias and the SERVING pointer, and announces it.
+
+The curator re-embeds a decided event's text with the network serving *at decision
+time*, so the vector lives in the right space even after a hot swap.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from daemon.app import install_stop_handlers
-from daemon.config import CuratorConfig, Settings
+from daemon.config import Settings
 from daemon.curator import CuratorWorker, DecisionApplier
 from daemon.finetune import FinetuneRunner, FinetuneScheduler
+from daemon.handoff import LifecycleFeed, ModelWatcher, StateRecorder, TopicRecorder
 from daemon.http import Health, HttpEndpoint
 from daemon.metrics import DaemonMetrics, LifecycleMetrics
 from daemon.retry import Backoff, StopRequested, retry
 from daemon.serving import ServingModel
-from daemon.state import Candidate, LifecycleState, PendingEvent
+from daemon.state import LifecycleState
 from daemon.worker import PredictorWorker
-from model.admission import EXEMPLAR_SUPPORT
 from model.data import Example
 from model.errors import ExemplarError
-from model.predictor import Prediction, Predictor
 from model.registry import resolve_model_dir, state_dir_for
-from streams.contracts import InputEvent, ModelUpdate
+from streams.contracts import ModelUpdate
 from streams.kafka import OutputProducer
 
 log = structlog.get_logger(__name__)
 
 #: How long a promotion keeps trying to reach the broker to announce itself.
 ANNOUNCE_TIMEOUT_S = 30.0
-
-
-class PredictionRecorder:
-    """The predictor's hook: rejected events -> pending, close admitted ones -> candidates."""
-
-    def __init__(self, state: LifecycleState, config: CuratorConfig) -> None:
-        self.state = state
-        self.config = config
-
-    def __call__(
-        self, items: Sequence[tuple[InputEvent, Prediction]], predictor: Predictor
-    ) -> None:
-        pending: list[PendingEvent] = []
-        candidates: list[Candidate] = []
-        for event, pred in items:
-            verdict = pred.verdict
-            if not verdict.admitted:
-                pending.append(
-                    PendingEvent(
-                        event.id,
-                        event.text,
-                        pred.predicted_label,
-                        verdict.reasons,
-                        predictor.version,
-                        0.0,
-                        "open",
-                    )
-                )
-                continue
-            tau = predictor.thresholds.tau.get(pred.label)
-            if (
-                verdict.admitted_by != EXEMPLAR_SUPPORT
-                or not pred.nearest
-                or not tau
-                or verdict.distance is None
-            ):
-                continue
-            ratio = verdict.distance / tau
-            if ratio <= self.config.candidate_ratio:
-                nearest = pred.nearest[0]
-                candidates.append(
-                    Candidate(
-                        event.id,
-                        event.text,
-                        pred.label,
-                        nearest.id,
-                        nearest.label,
-                        verdict.distance,
-                        ratio,
-                        predictor.version,
-                    )
-                )
-        self.state.record_batch(pending, candidates, self.config.pending_ttl_s)
 
 
 class LifecycleService:
@@ -114,63 +65,95 @@ class LifecycleService:
         row_transform: Callable[[list[Example]], list[Example]] | None = None,
         fault_delay_s: float = 0.0,
         schedule: bool = True,
+        store_client: object | None = None,
     ) -> None:
         """``schedule=False`` keeps the APScheduler off (a test then calls ``runner.run``);
-        ``row_transform`` and ``fault_delay_s`` are passed to the fine-tune runner."""
+        ``row_transform`` and ``fault_delay_s`` are passed to the fine-tune runner;
+        ``store_client`` (a ``QdrantClient``) stands in for ``EXEMPLAR_STORE__URL``."""
         self.settings = settings
+        role = settings.role
         backoff = backoff or Backoff()
         self.health = health or Health()
         self.prometheus = registry or CollectorRegistry()
         bundle_path, model_registry = resolve_model_dir(settings.model_dir)
-        if model_registry is not None:
-            model_registry.clean_staging()
-        self.state = LifecycleState(settings.curator.state_dir or state_dir_for(settings.model_dir))
-        abandoned = self.state.abandon_unfinished_runs()
-        if abandoned:
-            log.warning("finetune_abandoned", runs=abandoned)
+        # The state and the staging area are the curator's; a predictor of a split
+        # deployment shares the registry directory and must not touch them.
+        self.state: LifecycleState | None = None
+        if role != "predictor":
+            if model_registry is not None:
+                model_registry.clean_staging()
+            self.state = LifecycleState(
+                settings.curator.state_dir or state_dir_for(settings.model_dir)
+            )
+            abandoned = self.state.abandon_unfinished_runs()
+            if abandoned:
+                log.warning("finetune_abandoned", runs=abandoned)
         try:
             self.serving = ServingModel.open(
-                bundle_path, model_registry, settings.admission, settings.batch.forward_size,
+                bundle_path,
+                model_registry,
+                settings.admission,
+                settings.batch.forward_size,
                 settings.store,
+                store_client,
             )
         except BaseException:
-            self.state.close()
+            if self.state is not None:
+                self.state.close()
             raise
         self.metrics = DaemonMetrics.create(self.prometheus)
         self.lifecycle_metrics = LifecycleMetrics.create(self.prometheus)
         self.lifecycle_metrics.serving_version.info({"version": self.serving.current.version})
-        last = self.state.get("last_promotion_at")
+        last = self.state.get("last_promotion_at") if self.state is not None else None
         if last is not None:
             self.lifecycle_metrics.last_promotion.set(float(last))
         self.stop_event = threading.Event()
         self.worker: PredictorWorker | None = None
+        self.recorder: StateRecorder | TopicRecorder | None = None
+        self.watcher: ModelWatcher | None = None
         self.curator: CuratorWorker | None = None
+        self.feed: LifecycleFeed | None = None
         self.runner: FinetuneRunner | None = None
         self.scheduler: FinetuneScheduler | None = None
         self.errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
         self._stopped = False
-        role = settings.role
         if role in ("predictor", "all"):
+            self.recorder = (
+                StateRecorder(self.state, settings.curator)
+                if self.state is not None
+                else TopicRecorder(settings)
+            )
             worker = PredictorWorker(
                 settings,
                 self.serving.current.predictor,
                 self.metrics,
                 backoff,
                 health=self.health,
-                on_predictions=PredictionRecorder(self.state, settings.curator),
+                on_predictions=self.recorder,
             )
             self.serving.add_listener(
                 lambda new, retire: worker.swap_predictor(new.predictor, retire)
             )
             self.worker = worker
-        if role in ("curator", "all"):
+            if role == "predictor" and model_registry is not None:
+                self.watcher = ModelWatcher(
+                    settings,
+                    self.serving,
+                    model_registry,
+                    self.lifecycle_metrics,
+                    self.stop_event,
+                )
+        if self.state is not None:
+            if role == "curator":
+                self.feed = LifecycleFeed(settings, self.state)
             self.curator = CuratorWorker(
                 settings,
                 DecisionApplier(self.serving, self.state),
                 self.lifecycle_metrics,
                 backoff,
                 on_idle=self.refresh_gauges,
+                feed=self.feed,
             )
             if settings.curator.finetune and model_registry is not None:
                 self.runner = FinetuneRunner(
@@ -226,6 +209,14 @@ class LifecycleService:
                     target=self._guard("curator", self.curator.run), name="curator", daemon=True
                 )
             )
+        if self.watcher is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._guard("model_watcher", self.watcher.run),
+                    name="model-watcher",
+                    daemon=True,
+                )
+            )
         for thread in self._threads:
             thread.start()
         if self.scheduler is not None:
@@ -242,8 +233,11 @@ class LifecycleService:
             self.scheduler.shutdown()
         for thread in self._threads:
             thread.join(timeout_s)
+        if self.recorder is not None:
+            self.recorder.close()
         self.serving.close()
-        self.state.close()
+        if self.state is not None:
+            self.state.close()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT or a component fails; 0 on a clean stop."""
@@ -280,6 +274,8 @@ class LifecycleService:
 
     # ------------------------------------------------------------ callbacks
     def refresh_gauges(self) -> None:
+        if self.state is None:
+            return
         try:
             count = self.state.count_candidates(self.settings.curator.candidate_ratio)
         except ExemplarError as exc:

@@ -53,11 +53,15 @@ def open_version(
     overrides: AdmissionOverrides,
     batch_size: int = 64,
     store_config: StoreConfig | None = None,
+    store_client: object | None = None,
 ) -> ServingVersion:
-    """Load the bundle at ``path`` with its store (embedded or server) behind a lock."""
+    """Load the bundle at ``path`` with its store (embedded or server) behind a lock.
+
+    ``store_client`` (a ``QdrantClient``) stands in for ``EXEMPLAR_STORE__URL``; tests
+    share one local-mode client between roles with it."""
     bundle = load_bundle(path)
     thresholds = effective_thresholds(bundle, overrides)
-    store = LockedStore(open_store(store_config or StoreConfig(), bundle))
+    store = LockedStore(open_store(store_config or StoreConfig(), bundle, store_client))
     predictor = Predictor(
         bundle.network,
         bundle.tokenizer,
@@ -84,9 +88,11 @@ class ServingModel:
         overrides: AdmissionOverrides,
         batch_size: int = 64,
         store_config: StoreConfig | None = None,
+        store_client: object | None = None,
     ) -> None:
         self.current = current
         self.store_config = store_config or StoreConfig()
+        self.store_client = store_client
         self.registry = registry
         self.overrides = overrides
         self.batch_size = batch_size
@@ -102,14 +108,21 @@ class ServingModel:
         overrides: AdmissionOverrides,
         batch_size: int = 64,
         store_config: StoreConfig | None = None,
+        store_client: object | None = None,
     ) -> ServingModel:
         return cls(
-            open_version(bundle_path, overrides, batch_size, store_config),
-            registry, overrides, batch_size, store_config,
+            open_version(bundle_path, overrides, batch_size, store_config, store_client),
+            registry,
+            overrides,
+            batch_size,
+            store_config,
+            store_client,
         )
 
     def open_version(self, path: Path) -> ServingVersion:
-        return open_version(path, self.overrides, self.batch_size, self.store_config)
+        return open_version(
+            path, self.overrides, self.batch_size, self.store_config, self.store_client
+        )
 
     def add_listener(self, listener: SwapListener) -> None:
         self._listeners.append(listener)

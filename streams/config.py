@@ -210,6 +210,10 @@ class TopicsConfig(BaseModel):
     decisions: str = "exemplar.decisions"
     dead_letter: str = "exemplar.dlq"
     model_updates: str = "exemplar.models"
+    lifecycle: str = Field(
+        default="exemplar.lifecycle",
+        description="predictor -> curator: adjudicated and candidate events (split roles)",
+    )
 
     partitions: Annotated[int, Field(ge=1)] = 3
     replication_factor: Annotated[int, Field(ge=1)] = 1
@@ -219,7 +223,9 @@ class TopicsConfig(BaseModel):
     )
     create_missing: bool = True
 
-    @field_validator("input", "output", "adjudication", "decisions", "dead_letter", "model_updates")
+    @field_validator(
+        "input", "output", "adjudication", "decisions", "dead_letter", "model_updates", "lifecycle"
+    )
     @classmethod
     def _check_name(cls, value: str, info: ValidationInfo) -> str:
         if not _TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
@@ -263,4 +269,5 @@ class TopicsConfig(BaseModel):
             "decisions": self.decisions,
             "dead_letter": self.dead_letter,
             "model_updates": self.model_updates,
+            "lifecycle": self.lifecycle,
         }

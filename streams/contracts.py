@@ -214,6 +214,36 @@ class ModelUpdate(_Contract):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class LifecycleNote(_Contract):
+    """What a predictor hands the curator about one event (``exemplar.lifecycle``).
+
+    Only split deployments (``--role predictor`` and ``--role curator`` in separate
+    processes) use it: ``pending`` is an event routed to humans, which a decision may
+    later map; ``candidate`` is an admitted event close to its nearest exemplar, counted
+    towards the next fine-tune.
+    """
+
+    kind: Literal["pending", "candidate"]
+    id: EventId
+    text: str
+    label: NonEmptyStr = Field(description="predicted label (pending) or admitted label")
+    model_version: NonEmptyStr
+    reasons: list[ReasonCode] = Field(default_factory=list)
+    nearest_id: str | None = None
+    nearest_label: str | None = None
+    distance: float | None = Field(default=None, ge=0.0)
+    ratio: float | None = Field(default=None, ge=0.0, description="distance / tau of the label")
+    produced_at: UtcDatetime = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _candidate_has_neighbour(self) -> LifecycleNote:
+        if self.kind == "candidate" and (
+            self.nearest_id is None or self.distance is None or self.ratio is None
+        ):
+            raise ValueError("a candidate needs nearest_id, distance and ratio")
+        return self
+
+
 #: Contract name -> (model, whether it is read from the outside world).
 CONTRACTS: Final[dict[str, tuple[type[BaseModel], bool]]] = {
     "input_event": (InputEvent, True),
@@ -222,6 +252,7 @@ CONTRACTS: Final[dict[str, tuple[type[BaseModel], bool]]] = {
     "dead_letter": (DeadLetter, False),
     "decision": (Decision, True),
     "model_update": (ModelUpdate, True),
+    "lifecycle_note": (LifecycleNote, True),
 }
 
 M = TypeVar("M", bound=BaseModel)

@@ -455,6 +455,63 @@ class BatchConsumer:
         self.close()
 
 
+class TopicFollower:
+    """Reads every partition of one topic from its start, without a consumer group.
+
+    For small announcement topics (``exemplar.models``) that every process must see in
+    full: no offsets are committed and no group membership is kept, so any number of
+    followers can read side by side.
+    """
+
+    def __init__(self, cfg: KafkaConfig, topic: str) -> None:
+        self.topic = topic
+        options = {
+            **client_options(cfg),
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+        }
+        with _translated("connecting follower"):
+            self._consumer = KafkaConsumer(**options)
+        self._assigned = False
+
+    def _assign(self) -> bool:
+        with _translated(f"reading the partitions of {self.topic!r}"):
+            partitions = self._consumer.partitions_for_topic(self.topic)
+            if not partitions:
+                return False
+            self._consumer.assign([TopicPartition(self.topic, p) for p in sorted(partitions)])
+        self._assigned = True
+        return True
+
+    def poll(self, timeout_s: float) -> list[ConsumedRecord]:
+        """Records that arrived since the last call (all of them on the first call)."""
+        if not self._assigned and not self._assign():
+            time.sleep(timeout_s)  # the topic does not exist yet
+            return []
+        with _translated("polling"):
+            polled = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        records = [
+            ConsumedRecord(
+                r.topic,
+                r.partition,
+                r.offset,
+                r.key,
+                r.value,
+                r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None,
+            )
+            for batch in polled.values()
+            for r in batch
+        ]
+        records.sort(key=lambda r: (r.partition, r.offset))
+        return records
+
+    def close(self) -> None:
+        with _translated("closing follower"):
+            self._consumer.close(autocommit=False)
+
+
 class OutputProducer:
     """Produces contract messages as JSON, keyed by event id; ``flush`` reports failures."""
 

@@ -22,6 +22,7 @@ from streams.contracts import (
     Decision,
     InputEvent,
     LabelRecord,
+    LifecycleNote,
     ModelUpdate,
     Neighbor,
     WordContribution,
@@ -262,7 +263,27 @@ SAMPLES: dict[str, BaseModel] = {
     ),
     "decision": Decision(id="evt-2", label="pos", reviewer="ana", note="sarcasm"),
     "model_update": ModelUpdate(version="v2", previous_version="v1", metrics={"coverage": 0.7}),
+    "lifecycle_note": LifecycleNote(
+        kind="candidate",
+        id="evt-3",
+        text="great fun",
+        label="pos",
+        model_version="v1",
+        nearest_id="ex-1",
+        nearest_label="pos",
+        distance=0.1,
+        ratio=0.2,
+    ),
 }
+
+
+def test_a_candidate_note_needs_its_neighbour() -> None:
+    with pytest.raises(ValidationError, match="nearest_id, distance and ratio"):
+        LifecycleNote(kind="candidate", id="e", text="t", label="pos", model_version="v1")
+    pending = LifecycleNote(
+        kind="pending", id="e", text="t", label="pos", model_version="v1", reasons=["low_margin"]
+    )
+    assert pending.nearest_id is None
 
 
 def test_samples_cover_every_contract() -> None:
