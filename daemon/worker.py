@@ -167,6 +167,7 @@ class PredictorWorker:
         self._on_swapped: Callable[[Predictor], None] | None = None
         self._swap_lock = threading.Lock()
         self._last_support_check = 0.0
+        self._lag_series: set[tuple[str, str]] = set()
         self.batches_done = 0
         self.totals = BatchOutcome()
 
@@ -422,9 +423,17 @@ class PredictorWorker:
     def _observe_lag(self) -> None:
         assert self._consumer is not None
         try:
+            seen: set[tuple[str, str]] = set()
             for part, lag in self._consumer.lag().items():
                 if lag is not None:
-                    self.metrics.consumer_lag.labels(part.topic, str(part.partition)).set(lag)
+                    key = (part.topic, str(part.partition))
+                    self.metrics.consumer_lag.labels(*key).set(lag)
+                    seen.add(key)
+            # A partition that moved to another member is that member's to report; a
+            # stale series here would add its last lag to every sum forever.
+            for key in self._lag_series - seen:
+                self.metrics.consumer_lag.remove(*key)
+            self._lag_series = seen
         except StreamError as exc:
             log.debug("lag_unavailable", error=str(exc))
         now = time.monotonic()

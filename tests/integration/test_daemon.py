@@ -214,6 +214,43 @@ def test_two_predictors_split_the_partitions(
     assert first.batches_done > 0 and second.batches_done > 0
 
 
+def _lag_series(worker: PredictorWorker) -> set[tuple[str, str]]:
+    return {
+        (sample.labels["topic"], sample.labels["partition"])
+        for metric in worker.metrics.consumer_lag.collect()
+        for sample in metric.samples
+    }
+
+
+def _owned(worker: PredictorWorker) -> set[tuple[str, str]]:
+    return {(p.topic, str(p.partition)) for p in worker.assigned_partitions()}
+
+
+def test_consumer_lag_is_reported_for_owned_partitions_only(
+    kafka_broker: str,
+    make_kafka_config: Callable[..., KafkaConfig],
+    make_topics: Callable[..., TopicsConfig],
+    start_worker: Callable[[Settings], PredictorWorker],
+) -> None:
+    topics = make_topics(partitions=2)
+    kafka = make_kafka_config(kafka_broker)
+    ensure_topics(kafka, topics)
+    settings = settings_for(Path("unused"), kafka, topics)
+    first = start_worker(settings)
+    produce(kafka_broker, topics.input, good_events(20, "before"))
+    everything = {(topics.input, "0"), (topics.input, "1")}
+    assert _wait_for(lambda: _lag_series(first) == everything, 60), _lag_series(first)
+
+    second = start_worker(settings)
+    assert _wait_for(lambda: bool(_owned(first)) and bool(_owned(second)), 60)
+    produce(kafka_broker, topics.input, good_events(40, "after"))
+    outputs_by_id(kafka_broker, topics, expect=60)
+    # a partition handed to the other member is no longer reported by this one: a stale
+    # series would add its last lag to every sum over the group
+    assert _wait_for(lambda: _lag_series(first) == _owned(first), 10), _lag_series(first)
+    assert _wait_for(lambda: _lag_series(second) == _owned(second), 10), _lag_series(second)
+
+
 def _env(bundle: Path, kafka: KafkaConfig, topics: TopicsConfig) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEMPLAR_")}
     env.update(
