@@ -478,6 +478,9 @@ class TopicFollower:
 
     def _assign(self) -> bool:
         with _translated(f"reading the partitions of {self.topic!r}"):
+            # partitions_for_topic reads only the metadata cache; topics() refreshes it
+            if self.topic not in self._consumer.topics():
+                return False
             partitions = self._consumer.partitions_for_topic(self.topic)
             if not partitions:
                 return False

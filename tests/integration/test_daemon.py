@@ -30,7 +30,7 @@ from daemon.retry import Backoff
 from daemon.worker import PredictorWorker, RunState
 from streams.broker import EmbeddedBroker
 from streams.config import KafkaConfig, TopicsConfig
-from streams.kafka import ensure_topics
+from streams.kafka import TopicFollower, ensure_topics
 from tests.conftest import FAST_KAFKA
 from tests.model_fixtures import copy_bundle
 
@@ -49,23 +49,19 @@ def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]
 def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0) -> list[Any]:
     """All records of ``topic`` (no group): until ``expect`` arrived, or (``expect=0``)
     until the topic goes quiet."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500
-    )
-    consumer.topics()  # fetch metadata; partitions_for_topic reads only the cache
-    parts = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
+    follower = TopicFollower(KafkaConfig(bootstrap_servers=bootstrap), topic)
     records: list[Any] = []
     deadline = time.monotonic() + timeout_s
     idle_polls = 0
-    while time.monotonic() < deadline and (expect == 0 or len(records) < expect):
-        polled = [r for batch in consumer.poll(timeout_ms=300).values() for r in batch]
-        records.extend(polled)
-        idle_polls = 0 if polled else idle_polls + 1
-        if expect == 0 and idle_polls >= 2:
-            break  # read everything there is
-    consumer.close()
+    try:
+        while time.monotonic() < deadline and (expect == 0 or len(records) < expect):
+            polled = follower.poll(0.3)
+            records.extend(polled)
+            idle_polls = 0 if polled else idle_polls + 1
+            if expect == 0 and idle_polls >= 2:
+                break  # read everything there is
+    finally:
+        follower.close()
     return records
 
 
