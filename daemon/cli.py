@@ -69,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         k=args.k,
         confidence=args.confidence,
         store_text=not args.no_store_text,
+        index=_settings().store.index_settings(),
         network=network,
         train=TrainOptions(
             max_epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty() and not args.quiet
@@ -184,6 +185,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from model.data import read_examples
     from model.errors import DataError
     from model.store.base import Exemplar
+    from model.store.edge import EdgeStore
 
     settings = _settings()
     examples = read_examples(args.data, require_labels=True)
@@ -211,6 +213,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             ]
         )
         total = loaded.store.count()
+        if isinstance(loaded.store, EdgeStore):
+            loaded.store.optimize()  # new points join the HNSW index, not a scanned segment
     finally:
         loaded.close()
     print(f"indexed {len(examples)} exemplars from {args.data}; support set now {total}")

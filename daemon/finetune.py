@@ -113,6 +113,8 @@ class JobSpec:
     k: int
     confidence: float
     train_options: dict[str, Any] = field(default_factory=dict)
+    #: how the new version's support set is indexed (``EXEMPLAR_STORE__*``)
+    index: dict[str, Any] = field(default_factory=dict)
     #: test-only fault injection: seconds to sleep once training is done, before the
     #: new store is written (lets a test kill the job midway)
     fault_delay_s: float = 0.0
@@ -183,6 +185,7 @@ def _child(spec_path: Path) -> int:
     from daemon.curator import refresh_human_vectors
     from model.build import BuildOptions, build_bundle
     from model.bundle import load_bundle, read_info
+    from model.store.base import IndexSettings
     from model.store.edge import EdgeStore
     from model.train import TrainOptions
 
@@ -207,6 +210,7 @@ def _child(spec_path: Path) -> int:
         alpha=spec.alpha,
         k=spec.k,
         confidence=spec.confidence,
+        index=IndexSettings(**spec.index),
         network=base.network,
         train=TrainOptions(
             **{k: v for k, v in spec.train_options.items() if k in known}, progress=False
@@ -441,6 +445,7 @@ class FinetuneRunner:
             k=t.k,
             confidence=t.confidence,
             train_options=options,
+            index=asdict(self.settings.store.index_settings()),
             fault_delay_s=self.fault_delay_s,
         )
         write_jsonl(spec.train_path, rows)
