@@ -19,10 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from model.bundle import Bundle
 from model.errors import ConfigError
-from model.store.base import ExemplarStore
+from model.store.base import (
+    HNSW_EF_CONSTRUCT_RANGE,
+    HNSW_M_RANGE,
+    SEARCH_EF_RANGE,
+    ExemplarStore,
+    IndexSettings,
+    Quantization,
+)
 from model.store.edge import EdgeStore
 
 _UPLOAD_BATCH = 512
+_INDEX = IndexSettings()  # the defaults
 
 
 class StoreConfig(BaseModel):
@@ -35,6 +43,48 @@ class StoreConfig(BaseModel):
     api_key: SecretStr | None = None
     collection_prefix: str = Field(default="exemplar-", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     timeout_s: int = Field(default=10, ge=1, le=600)
+    # How the support set is indexed (model.store.base.IndexSettings). Build settings
+    # apply where a store is created: the server collection of a version here, a
+    # bundle's embedded store where its builder passes them (BuildOptions.index); an
+    # embedded store keeps those it was built with. Search settings: every search.
+    hnsw_m: int = Field(
+        default=_INDEX.hnsw_m,
+        ge=HNSW_M_RANGE[0],
+        le=HNSW_M_RANGE[1],
+        description="HNSW links per node (build)",
+    )
+    hnsw_ef_construct: int = Field(
+        default=_INDEX.hnsw_ef_construct,
+        ge=HNSW_EF_CONSTRUCT_RANGE[0],
+        le=HNSW_EF_CONSTRUCT_RANGE[1],
+        description="HNSW candidates while building the graph (build)",
+    )
+    quantization: Quantization = Field(
+        default=_INDEX.quantization,
+        description="int8: search a scalar-quantized copy, rescore hits exactly (build)",
+    )
+    search_ef: int = Field(
+        default=_INDEX.search_ef,
+        ge=SEARCH_EF_RANGE[0],
+        le=SEARCH_EF_RANGE[1],
+        description="HNSW candidates kept per search (search)",
+    )
+    oversampling: float = Field(
+        default=_INDEX.oversampling,
+        ge=1.0,
+        le=16.0,
+        description="with int8: candidates rescored per hit asked for (search)",
+    )
+
+    def index_settings(self) -> IndexSettings:
+        """The index settings the stores take."""
+        return IndexSettings(
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_construct=self.hnsw_ef_construct,
+            quantization=self.quantization,
+            search_ef=self.search_ef,
+            oversampling=self.oversampling,
+        )
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> StoreConfig:
@@ -74,16 +124,26 @@ def open_store(config: StoreConfig, bundle: Bundle, client: object | None = None
     pass qdrant-client's local mode here.
     """
     if config.backend == "edge":
-        return EdgeStore(bundle.store_path)
+        return EdgeStore(bundle.store_path, index=config.index_settings())
     from model.store.server import ServerStore
 
     name = collection_name(config.collection_prefix, bundle.info.version)
     dim = bundle.info.network.num_filters
     if client is not None:
-        store = ServerStore(name, dim=dim, client=client)  # type: ignore[arg-type]
+        store = ServerStore(
+            name,
+            dim=dim,
+            client=client,  # type: ignore[arg-type]
+            index=config.index_settings(),
+        )
     elif config.url is not None:
         store = ServerStore(
-            name, dim=dim, url=config.url, api_key=config.api_key, timeout=config.timeout_s
+            name,
+            dim=dim,
+            url=config.url,
+            api_key=config.api_key,
+            timeout=config.timeout_s,
+            index=config.index_settings(),
         )
     else:  # the validator already refuses this; keeps type checkers informed
         raise ConfigError("EXEMPLAR_STORE__URL is required for the server back end")

@@ -6,8 +6,11 @@ The default back end for one machine. A store is a directory::
     <path>/shard/       the qdrant-edge shard (segments, WAL, payload indexes)
 
 Search is exact (a full scan of plain segments) until ``optimize()`` builds an HNSW
-index on segments larger than the indexing threshold; points written after that land
-in a small plain segment again, which is scanned exactly.
+index on segments larger than the indexing threshold (``model.build`` does this for
+every bundle it writes); points written after that land in a small plain segment
+again, which is scanned exactly. How the index is built (HNSW links, int8
+quantization) is fixed when the store is created and persisted in the shard; how it
+is searched (``search_ef``, rescoring) is chosen by whoever opens it (``IndexSettings``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy.typing as npt
 import qdrant_edge as qe
 
 from model.errors import ConfigError, StoreError
-from model.store.base import Exemplar, ExemplarStore, Neighbor, point_uuid
+from model.store.base import EngineStore, Exemplar, IndexSettings, Neighbor, point_uuid
 from model.store.codec import (
     INDEXED_KEYS,
     check_exemplars,
@@ -39,6 +42,12 @@ FORMAT_VERSION = 1
 _SIDECAR = "store.json"
 _SHARD_DIR = "shard"
 _UPSERT_CHUNK = 1024
+#: HNSW full-scan threshold (KB): a filtered search whose matches hold fewer vectors
+#: than this scans them instead of walking the graph (the engine's default).
+_FULL_SCAN_THRESHOLD_KB = 10_000
+#: int8 quantization maps this central share of each dimension's values onto 256 steps
+#: (outliers clip); rescoring with the float32 vectors makes the returned distances exact.
+_INT8_QUANTILE = 0.99
 
 
 # --- the embedded back end ----------------------------------------------------------
@@ -66,7 +75,22 @@ def _filter(where: Mapping[str, str]) -> qe.Filter | None:
     return qe.Filter(must=conditions)
 
 
-class EdgeStore(ExemplarStore):
+def _search_params(index: IndexSettings, exact: bool) -> qe.SearchParams:
+    """Search parameters of every query: a full scan, or HNSW with rescored quantization.
+
+    Rescoring must be asked for: qdrant-edge 0.9 does not rescore by default, and its
+    int8 scores differ from the true L2 distance by up to a few tenths, which would
+    move every distance the admission thresholds compare against.
+    """
+    if exact:
+        return qe.SearchParams(exact=True, quantization=qe.QuantizationSearchParams(ignore=True))
+    return qe.SearchParams(
+        hnsw_ef=index.search_ef,
+        quantization=qe.QuantizationSearchParams(rescore=True, oversampling=index.oversampling),
+    )
+
+
+class EdgeStore(EngineStore):
     """Exemplar store in a local directory, searched in-process by the Qdrant engine."""
 
     def __init__(
@@ -76,6 +100,7 @@ class EdgeStore(ExemplarStore):
         *,
         exact: bool = False,
         indexing_threshold_kb: int | None = None,
+        index: IndexSettings | None = None,
     ) -> None:
         """Open the store at ``path``, creating it when the directory is absent or empty.
 
@@ -83,9 +108,13 @@ class EdgeStore(ExemplarStore):
         scans even on HNSW-indexed segments. ``indexing_threshold_kb`` sets the segment
         size from which ``optimize()`` builds HNSW (engine default: about 10 MB of
         vectors); given when opening, it is written into the shard's config.
+        ``index`` (default ``IndexSettings()``): its build settings apply only when the
+        store is created (an existing store keeps those it was built with), its search
+        settings to every search of this handle.
         """
         self.path = Path(path)
-        self._params = qe.SearchParams(exact=True) if exact else None
+        self.index = index or IndexSettings()
+        self._params = _search_params(self.index, exact)
         self._closed = False
         sidecar = self.path / _SIDECAR
         if self.path.exists() and not self.path.is_dir():
@@ -95,13 +124,13 @@ class EdgeStore(ExemplarStore):
             if dim is None or dim < 1:
                 raise ConfigError(f"creating an edge store at {self.path} needs dim >= 1")
             self.dim = dim
-            config = self._config(indexing_threshold_kb)
+            config = self._config(indexing_threshold_kb, self.index)
             with _engine(f"creating shard at {self.path}"):
                 self._shard = qe.EdgeShard.create(str(self.path / _SHARD_DIR), config)
         else:
             self.dim = self._read_sidecar(sidecar, dim)
             # A config given to load() overwrites the stored one; only send one to change it.
-            changed = self._config(indexing_threshold_kb) if indexing_threshold_kb else None
+            changed = self._config(indexing_threshold_kb, None) if indexing_threshold_kb else None
             with _engine(f"opening shard at {self.path} (is it open elsewhere?)"):
                 self._shard = qe.EdgeShard.load(str(self.path / _SHARD_DIR), changed)
         try:
@@ -112,14 +141,31 @@ class EdgeStore(ExemplarStore):
             self.close()  # release the shard's WAL lock before giving up
             raise
 
-    def _config(self, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
+    def _config(
+        self, indexing_threshold_kb: int | None, index: IndexSettings | None
+    ) -> qe.EdgeConfig:
+        """Shard config; ``index=None`` leaves the HNSW and quantization settings unsaid
+        (when loading: the shard keeps the ones it has)."""
         optimizers = (
             qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb)
             if indexing_threshold_kb
             else None
         )
+        hnsw, quantization = None, None
+        if index is not None:
+            hnsw = qe.HnswIndexConfig(
+                m=index.hnsw_m,
+                ef_construct=index.hnsw_ef_construct,
+                full_scan_threshold=_FULL_SCAN_THRESHOLD_KB,
+            )
+            if index.quantization == "int8":
+                quantization = qe.ScalarQuantizationConfig(
+                    qe.ScalarType.Int8, quantile=_INT8_QUANTILE, memory=qe.Memory.Cached
+                )
         return qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=self.dim, distance=qe.Distance.Euclid),
+            hnsw_config=hnsw,
+            quantization_config=quantization,
             optimizers=optimizers,
         )
 
@@ -213,37 +259,15 @@ class EdgeStore(ExemplarStore):
         found = (exemplar_from_payload(r.payload or {}, r.vector) for r in records)
         return {ex.id: ex for ex in found}
 
-    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Exemplar | None]:
-        found = self._records(ids, with_vectors) if ids else {}
-        return [found.get(i) for i in ids]
-
-    def relabel(
-        self,
-        exemplar_id: str,
-        label: str,
-        source: str | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> Exemplar:
-        before = self._records([exemplar_id], with_vectors=True).get(exemplar_id)
-        if before is None:
-            raise KeyError(exemplar_id)
-        change: dict[str, Any] = {"label": label}
-        if source is not None:
-            change["source"] = source
-        if meta:
-            change["meta"] = {**before.meta, **meta}
+    def _set_payload(self, exemplar_id: str, change: Mapping[str, Any]) -> None:
+        operation = qe.UpdateOperation.set_payload([point_uuid(exemplar_id)], dict(change))
         with _engine("relabel"):
-            self._live().update(qe.UpdateOperation.set_payload([point_uuid(exemplar_id)], change))
-        return before
+            self._live().update(operation)
 
-    def delete(self, ids: Sequence[str]) -> int:
-        existing = list(self._records(ids, with_vectors=False)) if ids else []
-        if existing:
-            with _engine("delete"):
-                self._live().update(
-                    qe.UpdateOperation.delete_points([point_uuid(i) for i in existing])
-                )
-        return len(existing)
+    def _delete_points(self, ids: Sequence[str]) -> None:
+        operation = qe.UpdateOperation.delete_points([point_uuid(i) for i in ids])
+        with _engine("delete"):
+            self._live().update(operation)
 
     def count(self, where: Mapping[str, str] | None = None) -> int:
         request = qe.CountRequest(exact=True, filter=_filter(check_where(where)))

@@ -5,7 +5,10 @@ read through an alias that ``promote`` flips atomically from one version to the
 next. Tests run the same code on ``QdrantClient(":memory:")`` (local mode).
 
 Payload and input checks are shared with the embedded back end (``model.store.codec``)
-so both return exactly the same exemplars and distances.
+so both return exactly the same exemplars and distances. The same ``IndexSettings``
+apply: the HNSW and quantization settings when a collection is created (the server's
+background optimizer builds the index), the search settings on every query. Local
+mode always searches exactly, so it is sent no search settings (it warns about them).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from model.errors import ConfigError, ExemplarError, StoreError, StoreUnavailable
-from model.store.base import Exemplar, ExemplarStore, Neighbor, point_uuid
+from model.store.base import EngineStore, Exemplar, IndexSettings, Neighbor, point_uuid
 from model.store.codec import (
     INDEXED_KEYS,
     check_exemplars,
@@ -44,6 +47,7 @@ _TRANSIENT_GRPC = frozenset(
     }
 )
 _UPSERT_CHUNK = 512  # keeps each request well under the server's 32 MB body limit
+_INT8_QUANTILE = 0.99  # as in the embedded back end
 
 
 @contextmanager
@@ -80,7 +84,21 @@ def _alias_targets(client: QdrantClient) -> dict[str, str]:
     return {a.alias_name: a.collection_name for a in aliases}
 
 
-class ServerStore(ExemplarStore):
+def _search_params(index: IndexSettings) -> models.SearchParams:
+    """HNSW with rescored quantization: the returned distances are the true L2 ones."""
+    return models.SearchParams(
+        hnsw_ef=index.search_ef,
+        quantization=models.QuantizationSearchParams(rescore=True, oversampling=index.oversampling),
+    )
+
+
+def _is_local(client: QdrantClient) -> bool:
+    """Whether ``client`` runs qdrant-client's local mode (in memory or on a path)."""
+    options = client.init_options
+    return options.get("location") == ":memory:" or options.get("path") is not None
+
+
+class ServerStore(EngineStore):
     """Exemplar store in one Qdrant collection (or behind one alias)."""
 
     def __init__(
@@ -92,13 +110,16 @@ class ServerStore(ExemplarStore):
         url: str | None = None,
         api_key: SecretStr | None = None,
         timeout: int | None = None,
+        index: IndexSettings | None = None,
     ) -> None:
         """Open ``collection`` (a collection or an alias), creating it when missing.
 
         Pass a ready ``client`` (it stays the caller's to close) or a ``url`` (and
         ``api_key``) to get a client this store owns. ``dim`` is required to create
         and checked when opening. Opened through an alias, every call follows the
-        alias, so a ``promote`` is seen by the next call.
+        alias, so a ``promote`` is seen by the next call. ``index`` (default
+        ``IndexSettings()``): its build settings apply to a collection this store
+        creates, its search settings to every search.
         """
         if (client is None) == (url is None):
             raise ConfigError("ServerStore needs exactly one of client= or url=")
@@ -110,6 +131,8 @@ class ServerStore(ExemplarStore):
             client = QdrantClient(url=url, api_key=key, timeout=timeout, check_compatibility=False)
         self._client = client
         self.collection = collection
+        self.index = index or IndexSettings()
+        self._params = None if _is_local(client) else _search_params(self.index)
         self._closed = False
         try:
             self.dim = self._open_or_create(dim)
@@ -143,10 +166,24 @@ class ServerStore(ExemplarStore):
         return vectors.size
 
     def _create(self, name: str, dim: int) -> None:
+        index = self.index
+        quantization = (
+            models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(
+                    type=models.ScalarType.INT8, quantile=_INT8_QUANTILE, always_ram=True
+                )
+            )
+            if index.quantization == "int8"
+            else None
+        )
         with _client_errors(f"creating collection {name!r}"):
             self._client.create_collection(
                 name,
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.EUCLID),
+                hnsw_config=models.HnswConfigDiff(
+                    m=index.hnsw_m, ef_construct=index.hnsw_ef_construct
+                ),
+                quantization_config=quantization,
             )
             for key in INDEXED_KEYS:
                 self._client.create_payload_index(name, key, models.PayloadSchemaType.KEYWORD)
@@ -164,7 +201,7 @@ class ServerStore(ExemplarStore):
             exists = self._live().collection_exists(collection)
         if exists or collection in _alias_targets(self._client):
             raise StoreError(f"collection {collection!r} already exists")
-        return ServerStore(collection, self.dim, client=self._client)
+        return ServerStore(collection, self.dim, client=self._client, index=self.index)
 
     def promote(self, alias: str, collection: str) -> None:
         """Point ``alias`` at ``collection`` in one atomic alias update."""
@@ -218,7 +255,9 @@ class ServerStore(ExemplarStore):
         if len(queries) == 0:
             return []
         requests = [
-            models.QueryRequest(query=q.tolist(), limit=k, filter=flt, with_payload=True)
+            models.QueryRequest(
+                query=q.tolist(), limit=k, filter=flt, with_payload=True, params=self._params
+            )
             for q in queries
         ]
         with _client_errors("search"):
@@ -241,38 +280,16 @@ class ServerStore(ExemplarStore):
         found = (exemplar_from_payload(r.payload or {}, r.vector) for r in records)
         return {ex.id: ex for ex in found}
 
-    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Exemplar | None]:
-        found = self._records(ids, with_vectors) if ids else {}
-        return [found.get(i) for i in ids]
-
-    def relabel(
-        self,
-        exemplar_id: str,
-        label: str,
-        source: str | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> Exemplar:
-        before = self._records([exemplar_id], with_vectors=True).get(exemplar_id)
-        if before is None:
-            raise KeyError(exemplar_id)
-        change: dict[str, Any] = {"label": label}
-        if source is not None:
-            change["source"] = source
-        if meta:
-            change["meta"] = {**before.meta, **meta}
+    def _set_payload(self, exemplar_id: str, change: Mapping[str, Any]) -> None:
         with _client_errors("relabel"):
             self._live().set_payload(
-                self.collection, change, points=[point_uuid(exemplar_id)], wait=True
+                self.collection, dict(change), points=[point_uuid(exemplar_id)], wait=True
             )
-        return before
 
-    def delete(self, ids: Sequence[str]) -> int:
-        existing = list(self._records(ids, with_vectors=False)) if ids else []
-        if existing:
-            selector = models.PointIdsList(points=[point_uuid(i) for i in existing])
-            with _client_errors("delete"):
-                self._live().delete(self.collection, points_selector=selector, wait=True)
-        return len(existing)
+    def _delete_points(self, ids: Sequence[str]) -> None:
+        selector = models.PointIdsList(points=[point_uuid(i) for i in ids])
+        with _client_errors("delete"):
+            self._live().delete(self.collection, points_selector=selector, wait=True)
 
     def count(self, where: Mapping[str, str] | None = None) -> int:
         flt = _filter(check_where(where))
