@@ -16,9 +16,9 @@
 #   BOOTSTRAP_SERVERS (or EXEMPLAR_KAFKA__BOOTSTRAP_SERVERS)   default localhost:9092
 #   EXEMPLAR_TOPICS__PARTITIONS          partitions of the streaming topics   default 6
 #   EXEMPLAR_TOPICS__REPLICATION_FACTOR  replicas per partition               default 1
-#   EXEMPLAR_TOPICS__INPUT/OUTPUT/ADJUDICATION/DECISIONS/DEAD_LETTER/MODEL_UPDATES  names
-#   RETENTION_<ROLE>_MS   retention.ms per topic, ROLE one of INPUT OUTPUT ADJUDICATION
-#                         DECISIONS DEAD_LETTER MODEL_UPDATES (-1 keeps forever)
+#   EXEMPLAR_TOPICS__<ROLE>  topic name, ROLE one of INPUT OUTPUT ADJUDICATION DECISIONS
+#                            DEAD_LETTER MODEL_UPDATES LIFECYCLE (the daemon's roles)
+#   RETENTION_<ROLE>_MS      retention.ms of that topic (-1 keeps forever)
 #   COMMAND_CONFIG        client properties file for a secured cluster (SASL/TLS)
 #   KAFKA_BIN             directory of kafka-topics.sh / kafka-configs.sh (/opt/kafka/bin)
 #   WAIT_S                how long to wait for the broker                      default 120
@@ -45,6 +45,8 @@ configs() { "$KAFKA_BIN/kafka-configs.sh" "${client[@]}" "$@"; }
 #   decisions: the audit trail of every human decision; kept forever.
 #   dead_letter: long enough for the producer's owners to look at what they sent.
 #   model_updates: one ordered announcement stream (one partition), kept forever.
+#   lifecycle: predictors -> curator (rejected and close admitted events, with their
+#     text); only needs to outlive a curator outage.
 TOPICS=(
     "input|${EXEMPLAR_TOPICS__INPUT:-exemplar.events}|$PARTITIONS|${RETENTION_INPUT_MS:-$((7 * DAY_MS))}"
     "output|${EXEMPLAR_TOPICS__OUTPUT:-exemplar.labels}|$PARTITIONS|${RETENTION_OUTPUT_MS:-$((7 * DAY_MS))}"
@@ -52,6 +54,7 @@ TOPICS=(
     "decisions|${EXEMPLAR_TOPICS__DECISIONS:-exemplar.decisions}|$PARTITIONS|${RETENTION_DECISIONS_MS:--1}"
     "dead_letter|${EXEMPLAR_TOPICS__DEAD_LETTER:-exemplar.dlq}|$PARTITIONS|${RETENTION_DEAD_LETTER_MS:-$((14 * DAY_MS))}"
     "model_updates|${EXEMPLAR_TOPICS__MODEL_UPDATES:-exemplar.models}|1|${RETENTION_MODEL_UPDATES_MS:--1}"
+    "lifecycle|${EXEMPLAR_TOPICS__LIFECYCLE:-exemplar.lifecycle}|$PARTITIONS|${RETENTION_LIFECYCLE_MS:-$((7 * DAY_MS))}"
 )
 
 echo "create-topics: waiting for $BOOTSTRAP (up to ${WAIT_S}s)"

@@ -39,6 +39,13 @@ if [ -n "${BUNDLE_SOURCE:-}" ] && [ "${needs_bundle}" = yes ]; then
         exit 2
     fi
     target="${EXEMPLAR_MODEL_DIR:?EXEMPLAR_MODEL_DIR must name the private bundle copy}"
+    # Never replace a model registry (the split roles' shared one, with every
+    # fine-tuned version and the curator's state) by a plain bundle.
+    if [ "${marker}" = bundle.json ] && [ -d "${target}/versions" ]; then
+        echo "exemplar-entrypoint: ${target} is a model registry (shared by the split roles);" \
+             "set BUNDLE_SOURCE to empty to use it in place rather than copy a bundle over it" >&2
+        exit 2
+    fi
     # A restarted container keeps its filesystem (and Kubernetes its emptyDir): keep
     # the copy, with what was written to its store, while it is the same model
     # version; a different bundle (an upgrade) replaces it.

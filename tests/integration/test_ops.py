@@ -9,9 +9,14 @@
 * A real Prometheus (Debian's binary) scrapes that daemon, loads the rules, and
   answers every alert and dashboard expression without error.
 * Compose (``docker compose config`` where the CLI has compose) and Kubernetes
-  manifests: structure, probes on the paths the daemon serves, scaling limits.
-* The container entrypoint and the topic script, run here with stand-ins for
-  ``exemplar`` and Kafka's tools.
+  manifests (``kubectl kustomize`` where kubectl exists): structure, probes on the
+  paths the daemon serves, scaling limits; every daemon container's environment (image
+  ENV + compose / ConfigMap + env) loaded into the daemon's own ``Settings``, so a split
+  role the daemon would refuse at start-up fails here; predictors and curator share the
+  store server and the registry volume, which only the curator writes.
+* The container entrypoint, the topic script (every topic of ``TopicsConfig``), the
+  registry-seeding script and the predictors' wait for the support set, run here with
+  stand-ins for Kafka's tools and Qdrant (the seeding with the real ``exemplar``).
 * A real Apache Kafka and a real Qdrant server through testcontainers, where a
   Docker engine exists.
 """
@@ -19,6 +24,7 @@
 from __future__ import annotations
 
 import gc
+import http.server
 import json
 import os
 import re
@@ -26,6 +32,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -44,7 +51,7 @@ from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from daemon.app import Loaded, load
-from daemon.config import Settings
+from daemon.config import Settings, known_variables, load_settings
 from daemon.http import Health, HttpEndpoint
 from daemon.metrics import DaemonMetrics
 from daemon.retry import Backoff
@@ -596,12 +603,94 @@ def test_dashboard_queries_run_on_prometheus_and_show_the_traffic(
     assert version and version[0]["metric"]["version"] == daemon.worker.predictor.version
 
 
+# ------------------------------------------------------------------ settings of a container
+#: A split deployment: N predictors and one curator, on a store server and one registry.
+SPLIT_ROLES = ("predictor", "curator")
+#: The directory the image's bundle lies in (baked, or mounted); it seeds the registry.
+IMAGE_BUNDLE = "/opt/exemplar/model"
+_COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_]\w*)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: Any) -> str:
+    """A compose value as compose passes it on, every ``${VAR:-default}`` at its default."""
+
+    def replace(match: re.Match[str]) -> str:
+        return "$" if match.group(0) == "$$" else match.group(2) or ""
+
+    return _COMPOSE_VARIABLE.sub(replace, str(value))
+
+
+def image_env() -> dict[str, str]:
+    """The exemplar settings (and BUNDLE_SOURCE) the image's ENV sets (deploy/Dockerfile)."""
+    lines = [
+        line
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    ]
+    env: dict[str, str] = {}
+    for instruction in "\n".join(lines).replace("\\\n", " ").splitlines():
+        if instruction.startswith("ENV "):
+            for token in instruction[4:].split():
+                key, _, value = token.partition("=")
+                env[key] = value
+    return {k: v for k, v in env.items() if k.startswith("EXEMPLAR_") or k == "BUNDLE_SOURCE"}
+
+
+def load_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> Settings:
+    """``load_settings`` as the daemon runs it with exactly ``env`` as its environment;
+    raises ``ConfigError`` where ``exemplar run`` would refuse to start."""
+    with monkeypatch.context() as patch:
+        for key in list(os.environ):
+            if key.upper().startswith("EXEMPLAR_"):
+                patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        return load_settings(**overrides)
+
+
+def role_of(args: list[str], env: dict[str, str]) -> str:
+    """The role ``exemplar run`` takes: ``--role`` on the command line, else EXEMPLAR_ROLE."""
+    if "--role" in args:
+        return args[args.index("--role") + 1]
+    return env.get("EXEMPLAR_ROLE", "all")
+
+
+def check_split_roles(settings: dict[str, Settings], where: str) -> None:
+    """What a predictor and the curator must agree on (docs/lifelong.md, "Roles")."""
+    assert set(settings) == set(SPLIT_ROLES), where
+    for role, s in settings.items():
+        assert s.role == role, where
+        assert s.store.backend == "server" and s.store.url, f"{where} {role}: needs a store server"
+    predictor, curator = settings["predictor"], settings["curator"]
+    for name in ("store", "topics", "model_dir"):
+        assert getattr(predictor, name) == getattr(curator, name), f"{where}: {name} differs"
+    assert predictor.kafka.group_id == curator.kafka.group_id, where  # curator: <group>-curator
+    assert predictor.curator.candidate_ratio == curator.curator.candidate_ratio, where
+
+
 # ------------------------------------------------------------------ (c) compose
 def compose_file() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-EXEMPLAR_SERVICES = ("predictor", "curator")
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    return {k: interpolate(v) for k, v in service.get("environment", {}).items()}
+
+
+def exemplar_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The compose services that run the daemon (``exemplar run``)."""
+    return {
+        name: s
+        for name, s in compose["services"].items()
+        if s.get("build", {}).get("dockerfile") == "deploy/Dockerfile"
+        and s.get("command", ["run"])[0] == "run"
+    }
+
+
+def volume_at(service: dict[str, Any], target: str) -> dict[str, Any]:
+    found = [v for v in service.get("volumes", []) if isinstance(v, dict) and v["target"] == target]
+    assert found, f"nothing mounted at {target}"
+    return found[0]
 
 
 def test_compose_file_describes_the_stack() -> None:
@@ -609,30 +698,28 @@ def test_compose_file_describes_the_stack() -> None:
     services = compose["services"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["qdrant"]["image"].startswith("qdrant/qdrant:")
-    assert {"prometheus", "grafana", "kafka-init"} <= set(services)
+    assert {"prometheus", "grafana", "kafka-init", "model-init"} <= set(services)
     for name, service in services.items():
         if "image" in service:
             tag = service["image"].rsplit(":", 1)
             assert len(tag) == 2 and tag[1] not in {"latest", ""}, f"{name}: pin the image"
-    assert services["predictor"]["command"] == ["run"]
+        # the whole stack starts with a plain `up`: no service hides behind a profile
+        assert "profiles" not in service, name
+    daemons = exemplar_services(compose)
+    assert set(daemons) == set(SPLIT_ROLES)
+    assert services["predictor"]["command"] == ["run", "--role", "predictor"]
     assert services["curator"]["command"] == ["run", "--role", "curator"]
     assert services["curator"]["deploy"]["replicas"] == 1
-    assert "lifelong-learning" in COMPOSE.read_text()
-    for name in EXEMPLAR_SERVICES:
-        env = services[name]["environment"]
+    assert "REQUIRES" not in COMPOSE.read_text()
+    for name, service in daemons.items():
+        env = compose_env(service)
         assert env["EXEMPLAR_METRICS__HOST"] == "0.0.0.0", name
-        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
-        bundle = [
-            v
-            for v in services[name]["volumes"]
-            if isinstance(v, dict) and v["target"] == "/opt/exemplar/model"
-        ]
-        assert bundle and bundle[0]["read_only"] is True
+        assert env["EXEMPLAR_ROLE"] == role_of(service["command"], env), name
+        assert service["depends_on"]["kafka-init"]["condition"] == (
+            "service_completed_successfully"
+        )
     init = services["kafka-init"]
     assert init["image"] == services["kafka"]["image"]
-    assert services["predictor"]["depends_on"]["kafka-init"]["condition"] == (
-        "service_completed_successfully"
-    )
     # every file compose bind-mounts from the repository exists
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -641,13 +728,78 @@ def test_compose_file_describes_the_stack() -> None:
                 assert (DEPLOY / source).exists(), source
 
 
+def test_compose_services_start_with_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each daemon's environment (image ENV + compose) passes the daemon's own checks:
+    a split role without a store server would stop at start-up here."""
+    compose = compose_file()
+    settings = {}
+    for name, service in exemplar_services(compose).items():
+        env = {**image_env(), **compose_env(service)}
+        role = role_of(service["command"], env)
+        settings[role] = load_from(env, monkeypatch, role=role)
+        url = urllib.parse.urlsplit(settings[role].store.url or "")
+        assert url.hostname in compose["services"], f"{name}: {url.hostname} is no service"
+        published = [p.rsplit(":", 2)[-1] for p in compose["services"][url.hostname]["ports"]]
+        assert str(url.port) in published, f"{name}: qdrant does not serve on {url.port}"
+        # the entrypoint copies BUNDLE_SOURCE over EXEMPLAR_MODEL_DIR unless it is empty:
+        # that would replace the shared registry with a bundle
+        assert env["BUNDLE_SOURCE"] == "", name
+    check_split_roles(settings, "compose")
+    # an operator's exemplar.env reaches both roles alike
+    assert all(
+        s["env_file"] == compose["services"]["predictor"]["env_file"]
+        for s in exemplar_services(compose).values()
+    )
+
+
+def test_compose_roles_share_the_model_registry() -> None:
+    compose = compose_file()
+    services = compose["services"]
+    mounts = {}
+    for role in SPLIT_ROLES:
+        model_dir = compose_env(services[role])["EXEMPLAR_MODEL_DIR"]
+        mounts[role] = volume_at(services[role], model_dir)
+        assert mounts[role]["type"] == "volume", f"{role}: the registry is a named volume"
+    assert mounts["predictor"]["source"] == mounts["curator"]["source"]
+    assert mounts["curator"]["source"] in compose["volumes"]
+    assert mounts["predictor"].get("read_only") is True, "predictors only read the registry"
+    assert not mounts["curator"].get("read_only"), "the curator writes the registry"
+
+    seed = services["model-init"]
+    seed_dir = compose_env(seed)["EXEMPLAR_MODEL_DIR"]
+    seed_mount = volume_at(seed, seed_dir)
+    assert seed_mount["source"] == mounts["curator"]["source"] and not seed_mount.get("read_only")
+    bundle = volume_at(seed, IMAGE_BUNDLE)
+    assert bundle["read_only"] is True and bundle["bind"]["create_host_path"] is False
+    assert seed.get("restart") == "no"
+    # the registry is seeded before the curator opens it, and the curator has published
+    # the support set to Qdrant before a predictor (read-only registry) starts
+    assert services["curator"]["depends_on"]["model-init"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert services["predictor"]["depends_on"]["curator"]["condition"] == "service_healthy"
+
+
 def test_docker_compose_config_accepts_the_file() -> None:
     docker = shutil.which("docker")
     if docker is None or run_tool(docker, "compose", "version").returncode != 0:
         pytest.skip("the docker CLI here has no compose plugin ('docker compose')")
-    for extra in ([], ["--profile", "curator"]):
-        result = run_tool(docker, "compose", "-f", str(COMPOSE), *extra, "config", "--quiet")
-        assert result.returncode == 0, result.stderr
+    result = run_tool(docker, "compose", "-f", str(COMPOSE), "config", "--quiet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_env_example_names_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every variable exemplar.env.example offers is spelled right and, all of them
+    uncommented, still lets both roles start."""
+    example = dict(
+        re.findall(r"^# (EXEMPLAR_\w+)=(.*)$", (DEPLOY / "exemplar.env.example").read_text(), re.M)
+    )
+    assert {"EXEMPLAR_CURATOR__CANDIDATE_RATIO", "EXEMPLAR_BATCH__FORWARD_SIZE"} <= set(example)
+    assert set(example) <= known_variables()
+    for role in SPLIT_ROLES:
+        service = compose_file()["services"][role]
+        env = {**image_env(), **example, **compose_env(service)}
+        assert load_from(env, monkeypatch, role=role).role == role
 
 
 # ------------------------------------------------------------------ Kubernetes
@@ -658,18 +810,78 @@ def k8s_documents() -> list[dict[str, Any]]:
     return docs
 
 
-def workloads() -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "Deployment"}
+def workloads(docs: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    docs = k8s_documents() if docs is None else docs
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
 
 
 def workload_containers() -> list[dict[str, Any]]:
     return [c for d in workloads().values() for c in d["spec"]["template"]["spec"]["containers"]]
 
 
+def container_env(container: dict[str, Any], docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Image ENV, then the ConfigMaps of ``envFrom``, then ``env`` (Kubernetes' order)."""
+    config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    env = image_env()
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(config_maps[source["configMapRef"]["name"]])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def claim_mounted_at(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, bool]:
+    """(claim name, read-only) of the PersistentVolumeClaim ``container`` mounts at ``path``."""
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+    assert mounts, f"{container['name']}: nothing mounted at {path}"
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
+    assert "persistentVolumeClaim" in volume, f"{container['name']}: {path} is not on a claim"
+    claim = volume["persistentVolumeClaim"]
+    return claim["claimName"], bool(mounts[0].get("readOnly") or claim.get("readOnly"))
+
+
+def check_k8s_split_roles(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every exemplar container starts with valid settings; predictors and curator share
+    the store server and the registry claim (ReadWriteMany), only the curator writes it."""
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    settings: dict[str, Settings] = {}
+    registry_claims: dict[str, tuple[str, bool]] = {}
+    for deployment in workloads(docs).values():
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            if container["image"].split(":")[0].rsplit("/", 1)[-1] != "exemplar":
+                continue
+            env = container_env(container, docs)
+            args = container.get("args", [])
+            if args[:1] != ["run"]:  # init containers: their settings load too
+                load_from(env, monkeypatch)
+                continue
+            role = role_of(args, env)
+            s = load_from(env, monkeypatch, role=role)
+            settings[role] = s
+            assert env["BUNDLE_SOURCE"] == "", (
+                f"{role}: the entrypoint would copy over the registry"
+            )
+            registry_claims[role] = claim_mounted_at(pod, container, str(s.model_dir))
+            if s.curator.state_dir is not None:  # the curator's state outlives the pod
+                claim_mounted_at(pod, container, str(s.curator.state_dir))
+    check_split_roles(settings, "kubernetes")
+    claim, predictor_read_only = registry_claims["predictor"]
+    assert registry_claims["curator"] == (claim, False), "the curator writes the registry"
+    assert predictor_read_only, "predictors mount the registry read-only"
+    assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], "shared across nodes"
+    assert workloads(docs)["exemplar-curator"]["spec"]["replicas"] == 1
+
+
 def test_kubernetes_manifests_parse_and_agree_with_the_daemon() -> None:
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     for resource in kustomization["resources"]:
         assert (DEPLOY / resource).is_file(), resource
+    # everything in k8s/ is deployed, save the Secret template and k8s/optional/
+    assert set(kustomization["resources"]) == {
+        f"k8s/{p.name}" for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "secret.example.yaml"
+    }
+    assert "REQUIRES" not in (DEPLOY / "kustomization.yaml").read_text()
     for generated in kustomization["configMapGenerator"]:
         for file in generated["files"]:
             assert (DEPLOY / file).is_file(), file
@@ -678,12 +890,15 @@ def test_kubernetes_manifests_parse_and_agree_with_the_daemon() -> None:
     assert config["EXEMPLAR_METRICS__HOST"] == "0.0.0.0"
     port = int(config["EXEMPLAR_METRICS__PORT"])
     partitions = int(config["EXEMPLAR_TOPICS__PARTITIONS"])
-    for key in config:  # every key is a setting the daemon knows (or the entrypoint's)
-        assert key.startswith("EXEMPLAR_"), key
+    assert set(config) <= known_variables(), "every key is a setting the daemon knows"
 
     deployments = workloads()
     predictor, curator = deployments["exemplar-predictor"], deployments["exemplar-curator"]
-    assert predictor["spec"]["template"]["spec"]["containers"][0]["args"] == ["run"]
+    assert predictor["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "run",
+        "--role",
+        "predictor",
+    ]
     assert curator["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "run",
         "--role",
@@ -697,6 +912,9 @@ def test_kubernetes_manifests_parse_and_agree_with_the_daemon() -> None:
     for deployment in deployments.values():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
         for container in pod["containers"]:
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert ports["http"] == port
@@ -716,6 +934,155 @@ def test_kubernetes_manifests_parse_and_agree_with_the_daemon() -> None:
         job["spec"]["template"]["spec"]["containers"][0]["image"]
         == (compose_file()["services"]["kafka"]["image"])
     )
+
+
+def test_kubernetes_workloads_start_with_valid_settings_and_share_the_registry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    check_k8s_split_roles(k8s_documents(), monkeypatch)
+
+
+def test_kustomize_renders_the_whole_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    result = run_tool(kubectl, "kustomize", str(DEPLOY))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {
+        ("Deployment", "exemplar-predictor"),
+        ("Deployment", "exemplar-curator"),
+        ("PersistentVolumeClaim", "exemplar-registry"),
+        ("Job", "exemplar-create-topics"),
+    } <= rendered
+    assert all(
+        d["metadata"].get("namespace") == "exemplar" for d in docs if d["kind"] != "Namespace"
+    )
+    check_k8s_split_roles(docs, monkeypatch)
+
+
+# ------------------------------------------------------------------ seeding and waiting
+def seed_scripts() -> dict[str, str]:
+    """The registry-seeding script of compose's model-init and of the curator's init
+    container, as the shell receives each."""
+    compose = compose_file()["services"]["model-init"]
+    init = next(
+        c
+        for c in workloads()["exemplar-curator"]["spec"]["template"]["spec"]["initContainers"]
+        if c["name"] == "init-registry"
+    )
+    assert compose["entrypoint"] == init["command"] == ["/bin/sh", "-ec"]
+    return {"compose": interpolate(compose["command"][0]), "kubernetes": init["args"][0]}
+
+
+def test_registry_seed_script_seeds_once_and_leaves_a_registry_alone(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from model.bundle import read_info
+    from model.registry import Registry
+
+    scripts = seed_scripts()
+    assert scripts["compose"] == scripts["kubernetes"], "one script for both"
+    assert IMAGE_BUNDLE in scripts["compose"]
+    # a bundle as a read-only mount may present it: no write permission anywhere
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    for path in bundle.rglob("*"):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "exemplar", f'exec "{sys.executable}" -m daemon.cli "$@"\n')
+    registry = tmp_path / "registry"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "EXEMPLAR_MODEL_DIR": str(registry),
+    }
+    script = scripts["compose"].replace(IMAGE_BUNDLE, str(bundle))
+
+    def seed() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/sh", "-ec", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            cwd=tmp_path,
+        )
+
+    version = read_info(bundle).version
+    first = seed()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().endswith(f"serves {version}")
+    assert Registry(registry).serving_version() == version
+    # the curator opens the version's embedded store (to publish it) read-write
+    for path in (registry / "versions").rglob("*"):
+        assert path.stat().st_mode & stat.S_IWUSR, path
+
+    _stub(bin_dir / "exemplar", "echo 'exemplar must not run again' >&2; exit 1\n")
+    again = seed()
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().endswith(f"serves {version}")
+    assert [e.version for e in Registry(registry).versions()] == [version]
+
+
+def test_predictors_wait_for_the_published_support_set(tmp_path: Path) -> None:
+    """The predictors' init container polls Qdrant's aliases until the curator has set
+    the serving one (a refused or failing request, another alias: keep waiting)."""
+    pod = workloads()["exemplar-predictor"]["spec"]["template"]["spec"]
+    init = next(c for c in pod["initContainers"] if c["name"] == "wait-for-support-set")
+    assert init["command"][:2] == ["python", "-c"]
+
+    def aliases(name: str) -> dict[str, Any]:
+        return {"result": {"aliases": [{"alias_name": name, "collection_name": "exemplar-v1"}]}}
+
+    answers = [
+        (503, {"status": {"error": "starting"}}),
+        (200, aliases("other-serving")),
+        (200, aliases("exemplar-serving")),
+    ]
+    seen: list[tuple[str, str | None]] = []
+
+    class Qdrant(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("api-key")))
+            status, body = answers[min(len(seen), len(answers)) - 1]
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qdrant)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {
+            "PATH": os.environ["PATH"],
+            "EXEMPLAR_STORE__URL": f"http://127.0.0.1:{server.server_address[1]}/",
+            "EXEMPLAR_STORE__API_KEY": "sesame",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", init["command"][2]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seen == [("/aliases", "sesame")] * 3
+    assert "exemplar-serving" in result.stdout
 
 
 # ------------------------------------------------------------------ entrypoint and topics
@@ -779,9 +1146,57 @@ def test_entrypoint_copies_the_bundle_then_execs_exemplar(tmp_path: Path) -> Non
     assert result.returncode == 0 and result.stdout.startswith("exemplar config")
 
 
-def test_create_topics_script_sets_partitions_and_retention(tmp_path: Path) -> None:
+def test_entrypoint_uses_the_shared_registry_in_place(tmp_path: Path) -> None:
+    """With the split roles' environment (compose and Kubernetes alike) the entrypoint
+    execs the daemon on the registry as it is: no bundle copied over it."""
+    registry = tmp_path / "registry"
+    (registry / "versions" / "v1").mkdir(parents=True)
+    (registry / "SERVING").write_text("v1\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "exemplar", 'echo "exemplar $*"\n')
+    service = compose_file()["services"]["predictor"]
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        **{k: v for k, v in image_env().items() if k == "BUNDLE_SOURCE"},
+        **{k: v for k, v in compose_env(service).items() if k == "BUNDLE_SOURCE"},
+        "EXEMPLAR_MODEL_DIR": str(registry),
+    }
+    assert env["BUNDLE_SOURCE"] == ""
+    result = subprocess.run(
+        [str(DEPLOY / "docker-entrypoint.sh"), *service["command"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "exemplar run --role predictor"
+
+    # a bundle source left set by mistake must not replace the registry
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "bundle.json").write_text('{"version": "v9"}')
+    result = subprocess.run(
+        [str(DEPLOY / "docker-entrypoint.sh"), *service["command"]],
+        env={**env, "BUNDLE_SOURCE": str(shipped)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2 and "is a model registry" in result.stderr
+    assert (registry / "SERVING").read_text() == "v1\n" and (registry / "versions" / "v1").is_dir()
+    assert sorted(p.name for p in registry.iterdir()) == ["SERVING", "versions"]
+    assert (registry / "SERVING").read_text() == "v1\n"
+
+
+def run_create_topics(tmp_path: Path, **env: str) -> tuple[list[str], dict[str, str]]:
+    """Run deploy/create-topics.sh against stand-ins for Kafka's tools; returns the
+    tools' calls and the topics the script reports, role -> name. The topic named
+    my.events exists with 2 partitions, any other with 4."""
     calls = tmp_path / "calls.log"
-    # stand-ins for Kafka's tools: log every call; the input topic exists with 2 partitions
     _stub(
         tmp_path / "kafka-topics.sh",
         f"""echo "topics $*" >> {calls}
@@ -793,46 +1208,65 @@ fi
 """,
     )
     _stub(tmp_path / "kafka-configs.sh", f'echo "configs $*" >> {calls}\n')
-    env = {
-        **os.environ,
-        "KAFKA_BIN": str(tmp_path),
-        "BOOTSTRAP_SERVERS": "broker:9092",
-        "EXEMPLAR_TOPICS__PARTITIONS": "4",
-        "EXEMPLAR_TOPICS__INPUT": "my.events",
-        "RETENTION_DEAD_LETTER_MS": "1000",
-        "WAIT_S": "5",
-    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EXEMPLAR_", "RETENTION_"))}
     result = subprocess.run(
         ["bash", str(DEPLOY / "create-topics.sh")],
-        env=env,
+        env={**base, "KAFKA_BIN": str(tmp_path), "WAIT_S": "5", **env},
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    log = calls.read_text().splitlines()
+    reported = dict(re.findall(r"^create-topics: (\w+) (\S+) partitions=", result.stdout, re.M))
+    return calls.read_text().splitlines(), reported
+
+
+def test_create_topics_script_sets_partitions_and_retention(tmp_path: Path) -> None:
+    log, reported = run_create_topics(
+        tmp_path,
+        BOOTSTRAP_SERVERS="broker:9092",
+        EXEMPLAR_TOPICS__PARTITIONS="4",
+        EXEMPLAR_TOPICS__INPUT="my.events",
+        RETENTION_DEAD_LETTER_MS="1000",
+    )
+    # every topic the daemon uses, under its role's name: a topic added to
+    # TopicsConfig and forgotten here fails
+    expected = {**TopicsConfig().by_role(), "input": "my.events"}
+    assert reported == expected
     creates = {line.split("--topic ")[1].split()[0]: line for line in log if "--create" in line}
-    assert set(creates) == {
-        "my.events",
-        "exemplar.labels",
-        "exemplar.adjudication",
-        "exemplar.decisions",
-        "exemplar.dlq",
-        "exemplar.models",
-    }
+    assert set(creates) == set(expected.values())
     assert all("--bootstrap-server broker:9092" in line for line in log)
     assert "--partitions 4" in creates["my.events"]
     assert "retention.ms=604800000" in creates["my.events"]  # a week
     assert "--partitions 1" in creates["exemplar.models"]
     assert "retention.ms=-1" in creates["exemplar.decisions"]  # the audit trail stays
     assert "retention.ms=1000" in creates["exemplar.dlq"]
+    # the predictors' hand-off to the curator: as wide as the input, outlives an outage
+    lifecycle = creates[expected["lifecycle"]]
+    assert "--partitions 4" in lifecycle and "retention.ms=604800000" in lifecycle
     retention = [line for line in log if line.startswith("configs") and "my.events" in line]
     assert retention and "--add-config retention.ms=604800000" in retention[0]
     grow = [line for line in log if "--alter --topic" in line]
     assert grow == [
         "topics --bootstrap-server broker:9092 --alter --topic my.events --partitions 4"
     ]
+
+
+def test_create_topics_script_takes_every_name_and_retention_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    roles = TopicsConfig().by_role()
+    names = {role: f"site.{role}" for role in roles}
+    env = {f"EXEMPLAR_TOPICS__{role.upper()}": name for role, name in names.items()}
+    env.update({f"RETENTION_{role.upper()}_MS": str(1000 + i) for i, role in enumerate(roles)})
+    log, reported = run_create_topics(tmp_path, **env)
+    assert reported == names
+    for i, (role, name) in enumerate(names.items()):
+        create = next(line for line in log if "--create" in line and f"--topic {name} " in line)
+        assert f"retention.ms={1000 + i}" in create, role
+    # the variables are the daemon's own: the same environment configures its topics
+    assert TopicsConfig(**names).by_role() == names
 
 
 def test_dockerfile_builds_a_cpu_non_root_image() -> None:
