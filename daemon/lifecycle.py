@@ -96,6 +96,7 @@ class LifecycleService:
                 settings.batch.forward_size,
                 settings.store,
                 store_client,
+                publish=role != "predictor",
             )
         except BaseException:
             if self.state is not None:

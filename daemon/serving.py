@@ -54,6 +54,7 @@ def open_version(
     batch_size: int = 64,
     store_config: StoreConfig | None = None,
     store_client: object | None = None,
+    publish: bool = True,
 ) -> ServingVersion:
     """Load the bundle at ``path`` with its store (embedded or server) behind a lock.
 
@@ -61,7 +62,9 @@ def open_version(
     share one local-mode client between roles with it."""
     bundle = load_bundle(path)
     thresholds = effective_thresholds(bundle, overrides)
-    store = LockedStore(open_store(store_config or StoreConfig(), bundle, store_client))
+    store = LockedStore(
+        open_store(store_config or StoreConfig(), bundle, store_client, publish=publish)
+    )
     predictor = Predictor(
         bundle.network,
         bundle.tokenizer,
@@ -89,10 +92,14 @@ class ServingModel:
         batch_size: int = 64,
         store_config: StoreConfig | None = None,
         store_client: object | None = None,
+        publish: bool = True,
     ) -> None:
+        """``publish=False`` (a split deployment's predictor): only open versions that a
+        curator has published to the store server."""
         self.current = current
         self.store_config = store_config or StoreConfig()
         self.store_client = store_client
+        self.publish = publish
         self.registry = registry
         self.overrides = overrides
         self.batch_size = batch_size
@@ -109,19 +116,21 @@ class ServingModel:
         batch_size: int = 64,
         store_config: StoreConfig | None = None,
         store_client: object | None = None,
+        publish: bool = True,
     ) -> ServingModel:
-        return cls(
-            open_version(bundle_path, overrides, batch_size, store_config, store_client),
-            registry,
-            overrides,
-            batch_size,
-            store_config,
-            store_client,
+        current = open_version(
+            bundle_path, overrides, batch_size, store_config, store_client, publish
         )
+        return cls(current, registry, overrides, batch_size, store_config, store_client, publish)
 
     def open_version(self, path: Path) -> ServingVersion:
         return open_version(
-            path, self.overrides, self.batch_size, self.store_config, self.store_client
+            path,
+            self.overrides,
+            self.batch_size,
+            self.store_config,
+            self.store_client,
+            self.publish,
         )
 
     def add_listener(self, listener: SwapListener) -> None:

@@ -4,10 +4,10 @@
   ``store/`` directory.
 * ``server`` (many replicas): a collection per model version on a Qdrant server,
   ``<prefix><version>``, shared by every predictor and the curator, so a human decision
-  applied once is seen by all replicas at their next search. The first process to
-  start a version creates the collection and uploads the bundle's support set into it
-  (upserts by id: concurrent starts write the same points), then points the
-  ``<prefix>serving`` alias at it if no version serves yet.
+  applied once is seen by all replicas at their next search. The curator (or a
+  ``--role all`` process) uploads a version's support set into its collection and then
+  points the ``<prefix>serving`` alias at the first one; predictors of a split
+  deployment only read, and wait for that alias (``open_store(publish=False)``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from model.bundle import Bundle
-from model.errors import ConfigError
+from model.errors import ConfigError, StoreError
 from model.store.base import (
     HNSW_EF_CONSTRUCT_RANGE,
     HNSW_M_RANGE,
@@ -117,8 +117,16 @@ def publish_support_set(bundle: Bundle, target: ExemplarStore) -> int:
     return copied
 
 
-def open_store(config: StoreConfig, bundle: Bundle, client: object | None = None) -> ExemplarStore:
+def open_store(
+    config: StoreConfig, bundle: Bundle, client: object | None = None, publish: bool = True
+) -> ExemplarStore:
     """The store the predictor searches for ``bundle``'s version.
+
+    On the server back end only a publisher (``--role curator`` or ``all``) uploads the
+    bundle's support set, and points the serving alias at it when no version serves yet:
+    the alias is set only after a complete upload, so a publisher that died midway
+    uploads again (upserts by id) at its next start. A predictor of a split deployment
+    (``publish=False``) only reads: it refuses a server where no version serves yet.
 
     ``client`` (a ``QdrantClient``) replaces the URL for the server back end; tests
     pass qdrant-client's local mode here.
@@ -147,10 +155,21 @@ def open_store(config: StoreConfig, bundle: Bundle, client: object | None = None
         )
     else:  # the validator already refuses this; keeps type checkers informed
         raise ConfigError("EXEMPLAR_STORE__URL is required for the server back end")
-    if store.count() == 0:
+    alias = serving_alias(config)
+    serving = store.alias_target(alias)
+    if not publish:
+        if serving is None or store.count() == 0:
+            store.close()
+            raise StoreError(
+                f"the support set of {bundle.info.version} is not on the Qdrant server yet "
+                f"(no alias {alias!r}, or {name!r} is empty): the curator (--role curator) "
+                "publishes it when it starts and when it promotes a version"
+            )
+        return store
+    if serving is None or store.count() == 0:
         publish_support_set(bundle, store)
-    if store.alias_target(serving_alias(config)) is None:
-        store.promote(serving_alias(config), name)
+    if serving is None:
+        store.promote(alias, name)
     return store
 
 

@@ -30,8 +30,12 @@ from qdrant_client import QdrantClient
 
 from daemon.config import Settings
 from daemon.lifecycle import LifecycleService
-from daemon.stores import collection_name, serving_alias
+from daemon.stores import StoreConfig, collection_name, open_store, serving_alias
+from model.bundle import load_bundle
+from model.errors import StoreError
 from model.registry import Registry
+from model.store.edge import EdgeStore
+from model.store.server import ServerStore
 from streams.config import KafkaConfig, TopicsConfig
 from streams.kafka import ensure_topics
 from tests.integration.test_curator import (
@@ -114,12 +118,14 @@ def test_split_roles_hand_over_events_and_share_decisions(
     start_service: Callable[..., LifecycleService],
 ) -> None:
     ensure_topics(kafka_config, unique_topics)
-    predictor = start_service(
-        role_settings("predictor", registry_root, kafka_config, unique_topics),
-        store_client=qdrant,
-    )
+    # the curator publishes the support set; the predictor picks the candidates, by
+    # the same EXEMPLAR_CURATOR__CANDIDATE_RATIO
     curator = start_service(
         role_settings("curator", registry_root, kafka_config, unique_topics, candidate_ratio=1.0),
+        store_client=qdrant,
+    )
+    predictor = start_service(
+        role_settings("predictor", registry_root, kafka_config, unique_topics, candidate_ratio=1.0),
         store_client=qdrant,
     )
     assert predictor.state is None and predictor.curator is None and predictor.watcher
@@ -175,6 +181,32 @@ def test_split_roles_without_a_store_server_are_refused(registry_root: Path) -> 
         Settings(role="predictor", model_dir=registry_root)
 
 
+def test_only_a_publisher_uploads_and_a_partial_upload_is_completed(
+    tiny_bundle: Path, qdrant: SerializedClient
+) -> None:
+    bundle = load_bundle(tiny_bundle)
+    config = StoreConfig(backend="server", url="http://qdrant.invalid:6333")
+    with EdgeStore(bundle.store_path) as shipped:
+        everything = list(shipped.iter_exemplars(with_vectors=True))
+    # a predictor of a split deployment never uploads: it waits for the curator
+    with pytest.raises(StoreError, match="curator"):
+        open_store(config, bundle, qdrant, publish=False)
+    # a curator that died midway through its upload left part of it and no alias ...
+    name = collection_name(config.collection_prefix, bundle.info.version)
+    dim = bundle.info.network.num_filters
+    with ServerStore(name, dim=dim, client=qdrant) as early:  # type: ignore[arg-type]
+        early.upsert(everything[:3])
+    with pytest.raises(StoreError, match="curator"):
+        open_store(config, bundle, qdrant, publish=False)
+    # ... so the next start uploads it all, then points the alias at it
+    with open_store(config, bundle, qdrant) as store:
+        assert store.count() == len(everything) > 3
+    aliases = {a.alias_name: a.collection_name for a in qdrant.get_aliases().aliases}
+    assert aliases[serving_alias(config)] == name
+    with open_store(config, bundle, qdrant, publish=False) as reader:
+        assert reader.count() == len(everything)
+
+
 @pytest.mark.slow
 def test_a_promotion_by_the_curator_reaches_a_separate_predictor_mid_stream(
     kafka_broker: str,
@@ -185,10 +217,6 @@ def test_a_promotion_by_the_curator_reaches_a_separate_predictor_mid_stream(
     start_service: Callable[..., LifecycleService],
 ) -> None:
     ensure_topics(kafka_config, unique_topics)
-    predictor = start_service(
-        role_settings("predictor", registry_root, kafka_config, unique_topics, candidate_ratio=1.0),
-        store_client=qdrant,
-    )
     curator = start_service(
         role_settings(
             "curator",
@@ -201,9 +229,14 @@ def test_a_promotion_by_the_curator_reaches_a_separate_predictor_mid_stream(
             min_interval_s=600.0,
             candidate_ratio=1.0,
             max_epochs=5,
+            tolerance=1.0,  # the promotion gate is test_finetune's; here: what follows it
         ),
         store_client=qdrant,
         schedule=False,
+    )
+    predictor = start_service(
+        role_settings("predictor", registry_root, kafka_config, unique_topics, candidate_ratio=1.0),
+        store_client=qdrant,
     )
     old_version = predictor.serving.current.version
     prefix = predictor.settings.store.collection_prefix
