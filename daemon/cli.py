@@ -280,6 +280,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "init":
         return _models_init(root, args)
     registry = Registry(root)
+    if args.action == "promote":
+        return _models_promote(registry, args)
     entries = registry.versions()
     if args.json:
         print(
@@ -314,6 +316,36 @@ def cmd_models(args: argparse.Namespace) -> int:
             line += f"  ({e.lifecycle['reason']})"
         print(line)
     return 0
+
+
+def _models_promote(registry: Any, args: argparse.Namespace) -> int:
+    import getpass
+    import time
+
+    version = args.version
+    if not version:
+        raise_data("models promote needs the VERSION to serve (see `exemplar models`)")
+    if registry.serving_version() == version:
+        print(f"{version} serves already")
+        return 0
+    registry.request_promotion(version, getpass.getuser(), args.reason or "manual promotion")
+    print(f"asked the curator to serve {version} (it replays every decision onto it first)")
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if registry.serving_version() == version:
+            print(f"{version} serves now")
+            return 0
+        if registry.promotion_request() is None:  # taken, but not served: it failed
+            failed = registry.read_lifecycle(version).get("promotion_failed", "see its log")
+            print(f"the curator could not promote {version}: {failed}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print(
+        f"no curator took the request within {args.wait:.0f} s; it stays in "
+        f"{registry.state_dir} until `exemplar run` (role all or curator) starts on this registry",
+        file=sys.stderr,
+    )
+    return 3
 
 
 def _fmt(value: Any) -> str:
@@ -464,8 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("models", help="list model versions (or init a registry)")
-    p.add_argument("action", nargs="?", choices=["list", "init"], default="list")
+    p = sub.add_parser(
+        "models", help="list model versions, init a registry, or promote a version (rollback)"
+    )
+    p.add_argument("action", nargs="?", choices=["list", "init", "promote"], default="list")
+    p.add_argument("version", nargs="?", help="promote: the version to serve")
+    p.add_argument("--reason", help="promote: why (kept in the version's lifecycle record)")
+    p.add_argument(
+        "--wait", type=float, default=60.0, help="promote: seconds to wait for the curator"
+    )
     p.add_argument("--model", help="registry directory (default: EXEMPLAR_MODEL_DIR)")
     p.add_argument("--from", dest="source", help="init: the bundle that becomes version one")
     p.add_argument("--calib", help="init: the bundle's calibration file, kept for shadow checks")

@@ -386,6 +386,40 @@ class FinetuneRunner:
         )
         return result
 
+    def apply_promotion_request(self) -> RunResult | None:
+        """Serve the version ``exemplar models promote`` asked for, if it asked.
+
+        Every decision in the audit trail is replayed onto that version first (a
+        rollback target predates the newer ones), then it is promoted like a fine-tuned
+        one. The outcome goes to the version's lifecycle record and the log."""
+        request = self.registry.promotion_request()
+        if request is None:
+            return None
+        if not self._run_lock.acquire(blocking=False):
+            return None  # a fine-tune is running: the request waits for it
+        version = request.get("version", "")
+        reason = f"requested by {request.get('requested_by', '?')}: {request.get('reason', '')}"
+        try:
+            if version == self.serving.current.version:
+                result = RunResult(PROMOTED, "already serving", version)
+            else:
+                self._promote(version, 0, [], reason.strip(), {})
+                result = RunResult(PROMOTED, reason, version)
+        except ExemplarError as exc:
+            result = RunResult(FAILED, f"cannot promote {version!r}: {exc}", version)
+            try:
+                if self.registry.path_of(version).is_dir():
+                    self.registry.update_lifecycle(
+                        version, {"promotion_failed": str(exc), "failed_at": time.time()}
+                    )
+            except ExemplarError:
+                pass  # not a version name at all: the log says so
+        finally:
+            self.registry.clear_promotion_request()
+            self._run_lock.release()
+        log.info("promotion_request", outcome=result.outcome, version=version, reason=result.reason)
+        return result
+
     # ------------------------------------------------------------ steps
     def _calibration_rows(self, version: ServingVersion) -> list[Example]:
         if self.config.calib_path is not None:

@@ -153,10 +153,10 @@ class LifecycleService:
                 DecisionApplier(self.serving, self.state),
                 self.lifecycle_metrics,
                 backoff,
-                on_idle=self.refresh_gauges,
+                on_idle=self.on_curator_idle,
                 feed=self.feed,
             )
-            if settings.curator.finetune and model_registry is not None:
+            if model_registry is not None:  # fine-tunes, and `exemplar models promote`
                 self.runner = FinetuneRunner(
                     settings,
                     self.serving,
@@ -167,7 +167,7 @@ class LifecycleService:
                     row_transform=row_transform,
                     fault_delay_s=fault_delay_s,
                 )
-                if schedule:
+                if schedule and settings.curator.finetune:
                     self.scheduler = FinetuneScheduler(self.runner, settings.curator)
             elif settings.curator.finetune:
                 log.warning(
@@ -274,6 +274,15 @@ class LifecycleService:
         return 1 if self.errors else 0
 
     # ------------------------------------------------------------ callbacks
+    def on_curator_idle(self) -> None:
+        """Every few seconds on the curator's thread: gauges, and promotion requests."""
+        if self.runner is not None:
+            try:
+                self.runner.apply_promotion_request()
+            except ExemplarError as exc:
+                log.error("promotion_request_failed", error=str(exc))
+        self.refresh_gauges()
+
     def refresh_gauges(self) -> None:
         if self.state is None:
             return

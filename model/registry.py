@@ -33,6 +33,9 @@ from typing import Any
 from model.bundle import BUNDLE_FILE, STORE_DIR, read_info
 from model.errors import BundleError
 
+#: ``exemplar models promote`` leaves this in the state directory for the curator.
+PROMOTION_REQUEST_FILE = "promotion-request.json"
+
 VERSIONS_DIR = "versions"
 SERVING_FILE = "SERVING"
 LIFECYCLE_FILE = "lifecycle.json"
@@ -145,6 +148,36 @@ class Registry:
         previous = self.serving_version()
         write_atomic(self.root / SERVING_FILE, version + "\n")
         return previous
+
+    # ------------------------------------------------------------ promotion requests
+    def request_promotion(self, version: str, requested_by: str, reason: str) -> None:
+        """Ask the curator to serve ``version`` (a rollback, or a version registered by
+        hand). Only the curator changes what serves: it replays the decisions onto the
+        version, flips the pointer and announces it, in order with its other changes."""
+        path = self.path_of(version)
+        if not (path / BUNDLE_FILE).is_file() or not (path / STORE_DIR).is_dir():
+            raise BundleError(
+                f"cannot promote {version!r}: {path} is not a complete bundle "
+                "(a rejected version's store is deleted)"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        request = {"version": version, "requested_by": requested_by, "reason": reason}
+        write_atomic(self.state_dir / PROMOTION_REQUEST_FILE, json.dumps(request) + "\n")
+
+    def promotion_request(self) -> dict[str, str] | None:
+        """The pending promotion request, if any (``clear_promotion_request`` when done)."""
+        try:
+            text = (self.state_dir / PROMOTION_REQUEST_FILE).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            request = json.loads(text)
+        except json.JSONDecodeError:
+            return {"version": "", "requested_by": "?", "reason": "unreadable request"}
+        return {k: str(v) for k, v in request.items()}
+
+    def clear_promotion_request(self) -> None:
+        (self.state_dir / PROMOTION_REQUEST_FILE).unlink(missing_ok=True)
 
     # ------------------------------------------------------------ versions
     def versions(self) -> list[VersionEntry]:

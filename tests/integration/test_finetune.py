@@ -162,10 +162,32 @@ def test_candidates_trigger_a_fine_tune_that_is_promoted_and_swapped_in_mid_stre
     assert used >= 20  # the candidates the run trained on are not counted again
     lifecycle = registry.read_lifecycle(new_version or "")
     assert lifecycle["status"] == "promoted" and lifecycle["replayed_decisions"] >= 1
-    service.stop()
     assert main(["models", "--model", str(registry_root)]) == 0
     listed = capsys.readouterr().out
     assert f"* {new_version}  serving" in listed and f"  {old_version}  retired" in listed
+
+    # a rollback goes through the curator: a decision made on the new version is
+    # replayed onto the old one before it serves again
+    late = next(ex for ex in store.iter_exemplars() if ex.source == "train" and ex.id != "toy:11:1")
+    late_label = other_label(labels, late.label)
+    send(
+        kafka_broker,
+        unique_topics.decisions,
+        {"id": late.id, "label": late_label, "reviewer": "carol"},
+    )
+    wait_for(lambda: service.curator.applied >= 3)  # type: ignore[union-attr]
+    assert main(["models", "promote", old_version, "--model", str(registry_root)]) == 0
+    assert registry.serving_version() == old_version
+    wait_for(lambda: service.worker.predictor.version == old_version, 30)  # type: ignore[union-attr]
+    rolled_back = service.serving.current
+    assert rolled_back.version == old_version
+    mapping, relabelled, late_now = rolled_back.store.get(["odd-1", "toy:11:1", late.id])
+    assert mapping is not None and mapping.label == human
+    assert relabelled is not None and relabelled.label == relabel
+    assert late_now is not None and (late_now.source, late_now.label) == ("human", late_label)
+    assert "requested by" in registry.read_lifecycle(old_version)["reason"]
+    service.stop()
+    assert main(["models", "promote", "v-nope", "--model", str(registry_root)]) == 2
 
 
 def shuffled(rows: list[Example]) -> list[Example]:
