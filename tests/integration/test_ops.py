@@ -3,11 +3,14 @@
 * Prometheus rules: ``promtool check rules``, the rules' unit tests
   (``promtool test rules``) and ``promtool check config`` of the compose scrape config.
 * Every metric the rules and the Grafana dashboard reference is exported by a running
-  predictor (a real daemon on the Tansu broker, scraped over HTTP); the dashboard's
-  "Lifelong learning (pending)" row is the one place allowed to name metrics that
-  only the curator will export.
-* A real Prometheus (Debian's binary) scrapes that daemon, loads the rules, and
-  answers every alert and dashboard expression without error.
+  predictor (a real daemon on the Tansu broker, scraped over HTTP) or a running curator
+  (a real ``--role curator`` service beside it, qdrant-client's local mode standing in
+  for the store server, with a decision applied, one rejected and a fine-tune run that
+  failed); the dashboard's "Lifelong learning" row shows every metric the curator
+  exports.
+* A real Prometheus (Debian's binary) scrapes both under the job names the alerts
+  select on, loads the rules, and answers every alert and dashboard expression without
+  error; the curator's failed run fires ExemplarFinetuneFailing.
 * Compose (``docker compose config`` where the CLI has compose) and Kubernetes
   manifests (``kubectl kustomize`` where kubectl exists): structure, probes on the
   paths the daemon serves, scaling limits; every daemon container's environment (image
@@ -48,17 +51,29 @@ from typing import Any
 import pytest
 import yaml
 from kafka import KafkaProducer
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from qdrant_client import QdrantClient
 
 from daemon.app import Loaded, load
 from daemon.config import Settings, known_variables, load_settings
 from daemon.http import Health, HttpEndpoint
-from daemon.metrics import DaemonMetrics
+from daemon.lifecycle import LifecycleService
+from daemon.metrics import DaemonMetrics, LifecycleMetrics
 from daemon.retry import Backoff
 from daemon.worker import PredictorWorker, RunState
 from streams.config import KafkaConfig, TopicsConfig
 from tests.conftest import FAST_KAFKA
+from tests.integration.test_curator import make_registry
+from tests.integration.test_split_roles import SerializedClient
 from tests.model_fixtures import copy_bundle
+
+# qdrant-client's local mode (the curator's store here) warns that payload indexes and
+# search parameters do nothing in it; the curator fixture spans several tests.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "ops" / "prometheus"
@@ -69,23 +84,13 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 
-#: The dashboard row whose panels may name metrics no process exports yet.
-PENDING_ROW = "Lifelong learning (pending)"
-#: What the curator (lifelong learning) is to export; only that row may use them.
-PENDING_METRICS = frozenset(
-    {
-        "exemplar_finetune_runs_total",
-        "exemplar_finetune_duration_seconds",
-        "exemplar_decisions_total",
-        "exemplar_candidates_pending",
-        "exemplar_last_promotion_timestamp_seconds",
-        "exemplar_serving_info",
-    }
-)
+#: The dashboard row of the curator's metrics (lifelong learning).
+LIFECYCLE_ROW = "Lifelong learning"
 #: Series Prometheus makes itself.
 BUILTIN_SERIES = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds"})
-#: The predictors' scrape job; alerts.yml selects on it.
+#: The predictors' and the curator's scrape jobs; alerts.yml selects on them.
 PREDICTOR_JOB = "exemplar-predictor"
+CURATOR_JOB = "exemplar-curator"
 #: Grafana variables in the dashboard's queries, and what they stand for here.
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
@@ -152,6 +157,24 @@ def exported_series(exposition: str) -> set[str]:
             assert match, line
             names.add(match.group(0))
     return names
+
+
+def sample_labels(exposition: str, series: str) -> list[dict[str, str]]:
+    """The label sets of every sample of ``series`` on a /metrics page."""
+    return [
+        sample.labels
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == series
+    ]
+
+
+def lifecycle_metric_names() -> set[str]:
+    """The metrics the curator registers (LifecycleMetrics), without ``_created`` series."""
+    registry = CollectorRegistry()
+    LifecycleMetrics.create(registry)
+    exposition = generate_latest(registry).decode()
+    return {base_name(n) for n in exported_series(exposition) if not n.endswith("_created")}
 
 
 def test_metric_name_extraction_sees_selectors_only() -> None:
@@ -223,12 +246,7 @@ def test_dashboard_covers_the_operational_questions() -> None:
     for panel in all_panels:
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel
-    used = {
-        base_name(n)
-        for q in dashboard_queries()
-        if q.row != PENDING_ROW
-        for n in metric_names(q.expr)
-    }
+    used = {base_name(n) for q in dashboard_queries() for n in metric_names(q.expr)}
     # throughput, admission, latency, lag, drift, dead letters, retries, errors,
     # support set, serving model (the issue's list of panels)
     assert used >= {
@@ -249,13 +267,27 @@ def test_dashboard_covers_the_operational_questions() -> None:
     quantiles = [q.expr for q in dashboard_queries() if "histogram_quantile" in q.expr]
     assert any("exemplar_event_latency_seconds_bucket" in e for e in quantiles)
     assert any("exemplar_stage_duration_seconds_bucket" in e for e in quantiles)
+    assert any("exemplar_finetune_duration_seconds_bucket" in e for e in quantiles)
     adjudication = [p for p in all_panels if p["title"] == "Adjudication inflow"]
     assert adjudication and "does not see the reviewers' consumer" in adjudication[0]["description"]
-    pending = [p for p in dashboard["panels"] if p.get("title") == PENDING_ROW]
-    assert pending and pending[0]["collapsed"] and "PENDING" in pending[0]["description"]
+    # lifelong learning: an open row showing everything the curator exports, and the
+    # curator's serving version set against the predictors' model version
+    row = [p for p in dashboard["panels"] if p["type"] == "row" and p["title"] == LIFECYCLE_ROW]
+    assert row and not row[0]["collapsed"] and not row[0]["panels"]
+    in_row = {
+        base_name(n)
+        for q in dashboard_queries()
+        if q.row == LIFECYCLE_ROW
+        for n in metric_names(q.expr)
+    }
+    lifecycle = lifecycle_metric_names()
+    assert len(lifecycle) == 6 and in_row >= lifecycle | {"exemplar_model_info"}
+    versions = {"exemplar_model_info", "exemplar_serving_info"}
+    assert any(versions <= metric_names(q.expr) for q in dashboard_queries())
+    assert not [p["title"] for p in all_panels if "pending)" in p["title"].lower()]
 
 
-def test_every_alert_has_a_runbook_entry_and_no_pending_metric() -> None:
+def test_every_alert_has_a_runbook_entry() -> None:
     runbook = RUNBOOK.read_text()
     sections = dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", runbook, re.M | re.S))
     for rule in alert_rules():
@@ -265,8 +297,14 @@ def test_every_alert_has_a_runbook_entry_and_no_pending_metric() -> None:
             assert part in sections[name], f"runbook {name}: {part} missing"
         assert rule["annotations"]["runbook"] == f"docs/runbook.md#{name.lower()}"
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
-        pending = {base_name(n) for n in metric_names(rule["expr"])} & PENDING_METRICS
-        assert not pending, f"{name} uses metrics nobody exports yet: {pending}"
+    # the curator's fine-tunes, decisions and serving version are watched too
+    watched = {base_name(n) for rule in load_rules() for n in metric_names(rule["expr"])}
+    assert watched >= {
+        "exemplar_finetune_runs_total",
+        "exemplar_decisions_total",
+        "exemplar_serving_info",
+        "exemplar_model_info",
+    }
 
 
 # ------------------------------------------------------------------ (a) promtool
@@ -309,6 +347,15 @@ def test_promtool_checks_the_compose_prometheus_config(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     assert PREDICTOR_JOB in jobs
+
+
+def test_rules_and_dashboard_select_the_scrape_jobs_of_the_deployment() -> None:
+    """A job name in a selector that no scrape config uses makes an alert silently empty."""
+    exprs = [rule["expr"] for rule in load_rules()] + [q.expr for q in dashboard_queries()]
+    selected = {job for expr in exprs for job in re.findall(r'\bjob="([^"]*)"', expr)}
+    assert selected == {PREDICTOR_JOB, CURATOR_JOB}
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert selected <= {job["job_name"] for job in config["scrape_configs"]}
 
 
 # ------------------------------------------------------------------ a running daemon
@@ -409,36 +456,99 @@ def daemon(
         loaded.close()
 
 
-def test_every_metric_the_rules_and_dashboard_use_is_exported(daemon: RunningDaemon) -> None:
+# ------------------------------------------------------------------ a running curator
+@dataclass
+class RunningCurator:
+    service: LifecycleService
+    endpoint: HttpEndpoint
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.endpoint.url + "/metrics", timeout=5) as response:
+            return response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def curator(
+    daemon: RunningDaemon, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningCurator]:
+    """``exemplar run --role curator`` beside the predictor (same broker, topics and model
+    version), on a registry of the tiny bundle, with qdrant-client's local mode for the
+    store server (as in test_split_roles.py). One decision applied, one rejected, and
+    one fine-tune run that failed: the calibration rows it is given do not exist."""
+    work = tmp_path_factory.mktemp("curator")
+    settings = Settings(
+        role="curator",
+        model_dir=make_registry(tiny_bundle, work),
+        kafka=daemon.worker.settings.kafka,  # its group: <the predictors' group>-curator
+        topics=daemon.topics,
+        metrics={"host": "127.0.0.1", "port": 0},
+        # never dialled: the local-mode client below stands in for the server
+        store={"backend": "server", "url": "http://qdrant.invalid:6333"},
+        curator={"calib_path": work / "no-such-calib.jsonl"},
+    )
+    client = QdrantClient(":memory:")
+    service = LifecycleService(
+        settings,
+        backoff=Backoff(initial_s=0.1, maximum_s=0.5),
+        schedule=False,
+        store_client=SerializedClient(client),
+    )
+    endpoint = HttpEndpoint(
+        settings.metrics.host, settings.metrics.port, service.prometheus, service.health
+    )
+    running = RunningCurator(service, endpoint)
+    try:
+        service.start()
+        assert service.curator is not None and service.runner is not None
+        current = service.serving.current
+        exemplar = next(iter(current.store.iter_exemplars()))
+        other = next(label for label in current.labels if label != exemplar.label)
+        producer = KafkaProducer(bootstrap_servers=daemon.bootstrap, acks="all", linger_ms=0)
+        for decision in (
+            {"id": exemplar.id, "label": other, "reviewer": "ops", "action": "label"},
+            {"id": exemplar.id, "label": "no-such-label", "reviewer": "ops"},
+        ):
+            producer.send(daemon.topics.decisions, value=json.dumps(decision).encode())
+        producer.flush(10)
+        producer.close()
+        worker = service.curator
+        assert wait_for(lambda: worker.applied >= 1 and worker.rejected >= 1, 60), (
+            worker.applied,
+            worker.rejected,
+        )
+        result = service.runner.run("test_ops")
+        assert result.outcome == "failed" and "file not found" in result.reason, result
+        yield running
+    finally:
+        service.stop()
+        endpoint.close()
+        client.close()
+
+
+def test_every_metric_the_rules_and_dashboard_use_is_exported(
+    daemon: RunningDaemon, curator: RunningCurator
+) -> None:
     exposition = daemon.scrape()
-    exported = exported_series(exposition)
+    curator_exposition = curator.scrape()
+    exported = exported_series(exposition) | exported_series(curator_exposition)
     own = recorded_names() | BUILTIN_SERIES
     sources = [
         (f"alerts/recording rule {r.get('alert') or r.get('record')}", r["expr"])
         for r in load_rules()
     ]
-    sources += [
-        (f"dashboard panel {q.panel!r}", q.expr)
-        for q in dashboard_queries()
-        if q.row != PENDING_ROW
-    ]
+    sources += [(f"dashboard panel {q.panel!r}", q.expr) for q in dashboard_queries()]
     missing = {
         source: sorted(names)
         for source, expr in sources
         if (names := metric_names(expr) - own - exported)
     }
-    assert not missing, f"referenced but not exported by the daemon: {missing}"
+    assert not missing, f"referenced but exported by neither predictor nor curator: {missing}"
     referenced = {n for _, expr in sources for n in metric_names(expr)} - own
-    assert len({base_name(n) for n in referenced}) >= 15  # the check has something to check
+    assert len({base_name(n) for n in referenced}) >= 20  # the check has something to check
+    # the curator exports what LifecycleMetrics declares (nothing here was named by hand)
+    assert lifecycle_metric_names() <= {base_name(n) for n in exported_series(curator_exposition)}
 
-    pending = {n for q in dashboard_queries() if q.row == PENDING_ROW for n in metric_names(q.expr)}
-    assert pending, "the pending row lost its panels"
-    unknown = {
-        n for n in pending if base_name(n) not in PENDING_METRICS and n not in PENDING_METRICS
-    }
-    assert not unknown, f"pending row names metrics outside the pending list: {unknown}"
-
-    # labelled series the panels group by are really there after traffic
+    # labelled series the panels and alerts group by are really there after traffic
     for sample in (
         'exemplar_events_total{outcome="dead_letter"}',
         "exemplar_model_info{",
@@ -446,6 +556,16 @@ def test_every_metric_the_rules_and_dashboard_use_is_exported(daemon: RunningDae
         'exemplar_nearest_distance_ratio_bucket{le="1.0"',
     ):
         assert sample in exposition, sample
+    decisions = sample_labels(curator_exposition, "exemplar_decisions_total")
+    assert sorted((d["result"], d["action"]) for d in decisions) == [
+        ("applied", "relabel"),
+        ("rejected", "label"),
+    ]
+    runs = sample_labels(curator_exposition, "exemplar_finetune_runs_total")
+    assert [r["outcome"] for r in runs] == ["failed"]
+    serving = sample_labels(curator_exposition, "exemplar_serving_info")
+    assert serving == [{"version": daemon.worker.predictor.version}]
+    assert sample_labels(curator_exposition, "exemplar_finetune_duration_seconds_bucket")
 
 
 def test_probe_paths_of_the_manifests_are_served(daemon: RunningDaemon) -> None:
@@ -495,7 +615,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def prometheus(
-    daemon: RunningDaemon, tmp_path_factory: pytest.TempPathFactory
+    daemon: RunningDaemon, curator: RunningCurator, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningPrometheus]:
     binary = shutil.which("prometheus")
     if binary is None:
@@ -512,7 +632,13 @@ def prometheus(
             {
                 "job_name": PREDICTOR_JOB,
                 "static_configs": [{"targets": [f"{daemon.endpoint.host}:{daemon.endpoint.port}"]}],
-            }
+            },
+            {
+                "job_name": CURATOR_JOB,
+                "static_configs": [
+                    {"targets": [f"{curator.endpoint.host}:{curator.endpoint.port}"]}
+                ],
+            },
         ],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -541,6 +667,8 @@ def prometheus(
     try:
         assert wait_for(ready, 30), (work / "prometheus.log").read_text()
         assert wait_for(lambda: server.scrapes() >= 2, 30), "no scrape of the daemon"
+        curator_up = f'up{{job="{CURATOR_JOB}"}} == 1'
+        assert wait_for(lambda: bool(server.query(curator_up)), 30), "no scrape of the curator"
         yield server
     finally:
         process.terminate()
@@ -556,7 +684,8 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_every_rule(
     prometheus: RunningPrometheus,
 ) -> None:
     targets = prometheus.api("targets")["activeTargets"]
-    assert [t["health"] for t in targets] == ["up"], targets
+    health = sorted((t["labels"]["job"], t["health"]) for t in targets)
+    assert health == [(CURATOR_JOB, "up"), (PREDICTOR_JOB, "up")], targets
 
     def all_evaluated() -> bool:
         groups = prometheus.api("rules")["groups"]
@@ -578,6 +707,20 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_every_rule(
     for rule in load_rules():
         prometheus.query(rule["expr"])  # parses and runs
 
+    # The curator's run failed before the first scrape: its series starts at 1, which
+    # increase() alone would not count; the recording rule does, and the alert fires.
+    def runs() -> dict[str, float]:
+        result = prometheus.query("exemplar:finetune_runs:increase24h")
+        return {r["metric"]["outcome"]: float(r["value"][1]) for r in result}
+
+    assert wait_for(lambda: runs() == {"failed": 1.0}, 10), runs()
+    firing = 'ALERTS{alertname="ExemplarFinetuneFailing", alertstate="firing"}'
+    assert wait_for(lambda: bool(prometheus.query(firing)), 10), "ExemplarFinetuneFailing"
+    # predictor and curator serve the same version: no mismatch
+    (mismatch,) = [r for r in alert_rules() if r["alert"] == "ExemplarPredictorVersionMismatch"]
+    assert prometheus.query(f'exemplar_serving_info{{job="{CURATOR_JOB}"}}')
+    assert prometheus.query(mismatch["expr"]) == []
+
 
 def test_dashboard_queries_run_on_prometheus_and_show_the_traffic(
     daemon: RunningDaemon, prometheus: RunningPrometheus
@@ -586,20 +729,33 @@ def test_dashboard_queries_run_on_prometheus_and_show_the_traffic(
     daemon.produce(good=16, malformed=1)  # traffic inside the rate windows
     assert wait_for(lambda: prometheus.scrapes() >= before + 2, 20)
     empty = []
+    results: dict[str, list[dict[str, Any]]] = {}
     for query in dashboard_queries():
         result = prometheus.query(query.promql())  # every query parses and runs
-        if query.row != PENDING_ROW and not result:
+        results.setdefault(query.panel, []).extend(result)
+        if not result:
             empty.append(query.panel)
-    # Panels about failures (retries, errors) have nothing to show on a healthy run.
-    quiet = {"Retries by operation", "Errors by kind"}
+    # Panels about failures (retries, errors) have nothing to show on a healthy run,
+    # and a fresh registry has no promotion yet.
+    quiet = {"Retries by operation", "Errors by kind", "Since last promotion"}
     assert set(empty) <= quiet, f"panels without data after traffic: {sorted(set(empty))}"
+    # the curator and the predictor serve the same version: nobody is off it
+    off = results["Predictors off the curator's version"]
+    assert [float(r["value"][1]) for r in off] == [0.0]
+    by_process = {
+        (r["metric"]["job"], r["metric"]["version"])
+        for r in results["Model version: curator and predictors"]
+    }
+    serving = daemon.worker.predictor.version
+    assert by_process == {(CURATOR_JOB, serving), (PREDICTOR_JOB, serving)}
     by_outcome = {
         r["metric"]["outcome"]: float(r["value"][1])
         for r in prometheus.query("sum by (outcome) (increase(exemplar_events_total[1m]))")
     }
     assert by_outcome.get("dead_letter", 0) > 0
     assert by_outcome.get("admitted", 0) + by_outcome.get("adjudication", 0) > 0
-    version = prometheus.query("max by (version) (exemplar_model_info)")
+    # (the curator registers the predictor's metrics too: its exemplar_model_info has no version)
+    version = prometheus.query(f'max by (version) (exemplar_model_info{{job="{PREDICTOR_JOB}"}})')
     assert version and version[0]["metric"]["version"] == daemon.worker.predictor.version
 
 
