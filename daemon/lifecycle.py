@@ -102,7 +102,11 @@ class LifecycleService:
             if self.state is not None:
                 self.state.close()
             raise
-        self.metrics = DaemonMetrics.create(self.prometheus)
+        # The predictor's metrics only where a predictor loop runs: a curator exporting
+        # them empty would show on every predictor panel as one more (idle) instance.
+        self.metrics = DaemonMetrics.create(
+            self.prometheus if role != "curator" else CollectorRegistry()
+        )
         self.lifecycle_metrics = LifecycleMetrics.create(self.prometheus)
         self.lifecycle_metrics.serving_version.info({"version": self.serving.current.version})
         last = self.state.get("last_promotion_at") if self.state is not None else None

@@ -168,6 +168,14 @@ class LifecycleMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> LifecycleMetrics:
+        metrics = cls._declare(registry)
+        # Every outcome exists from the start at 0, so increase() counts the first run.
+        for outcome in ("promoted", "rejected", "failed"):
+            metrics.finetune_runs.labels(outcome)
+        return metrics
+
+    @classmethod
+    def _declare(cls, registry: CollectorRegistry) -> LifecycleMetrics:
         r = registry
         return cls(
             decisions=Counter(

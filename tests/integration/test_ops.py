@@ -562,7 +562,9 @@ def test_every_metric_the_rules_and_dashboard_use_is_exported(
         ("rejected", "label"),
     ]
     runs = sample_labels(curator_exposition, "exemplar_finetune_runs_total")
-    assert [r["outcome"] for r in runs] == ["failed"]
+    # every outcome is exported from the start (at 0), so increase() sees the first run
+    assert sorted(r["outcome"] for r in runs) == ["failed", "promoted", "rejected"]
+    assert 'exemplar_finetune_runs_total{outcome="failed"} 1.0' in curator_exposition
     serving = sample_labels(curator_exposition, "exemplar_serving_info")
     assert serving == [{"version": daemon.worker.predictor.version}]
     assert sample_labels(curator_exposition, "exemplar_finetune_duration_seconds_bucket")
@@ -713,7 +715,7 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_every_rule(
         result = prometheus.query("exemplar:finetune_runs:increase24h")
         return {r["metric"]["outcome"]: float(r["value"][1]) for r in result}
 
-    assert wait_for(lambda: runs() == {"failed": 1.0}, 10), runs()
+    assert wait_for(lambda: runs() == {"failed": 1.0, "promoted": 0.0, "rejected": 0.0}, 10), runs()
     firing = 'ALERTS{alertname="ExemplarFinetuneFailing", alertstate="firing"}'
     assert wait_for(lambda: bool(prometheus.query(firing)), 10), "ExemplarFinetuneFailing"
     # predictor and curator serve the same version: no mismatch
