@@ -427,17 +427,15 @@ class FinetuneRunner:
         return calibration_rows(version.path)
 
     def _run(self, trigger: str, started: float) -> RunResult:
+        # Recorded first: a run that fails at any step still waits min_interval_s.
+        self.state.put("finetune_started_at", str(started))
         self.registry.clean_staging()
         with self.serving.lock:  # no decision may land between the snapshot and its seq
             snapshot = self.serving.current
             audit_seq = self.state.last_audit_seq()
             candidates = self.state.candidates(self.config.candidate_ratio)
             rows, origins = training_rows(snapshot.store, candidates)
-        calib = self._calibration_rows(snapshot)
-        if self.row_transform is not None:
-            rows = self.row_transform(rows)
         run_id = self.state.start_run(trigger, snapshot.version, audit_seq)
-        self.state.put("finetune_started_at", str(started))
         self.state.put("finetune_audit_seq", str(audit_seq))
         log.info(
             "finetune_started",
@@ -447,6 +445,9 @@ class FinetuneRunner:
             serving=snapshot.version,
         )
         try:
+            calib = self._calibration_rows(snapshot)
+            if self.row_transform is not None:
+                rows = self.row_transform(rows)
             result = self._train_and_decide(snapshot, rows, origins, calib, candidates, audit_seq)
         except (ExemplarError, OSError, ValueError, KeyError) as exc:
             log.exception("finetune_error")
