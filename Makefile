@@ -46,9 +46,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+# Benchmarks of the model `make demo` builds and ships (another: make bench MODEL=... DATA=...;
+# extra flags, e.g. --skip-1m or --index-1m: make bench BENCH_ARGS=--skip-1m).
 bench: demo-model
-	$(BIN)/python -m benchmarks.run --model $(MODEL) --data $(DATA)
+	$(BIN)/python -m benchmarks.run --model $(MODEL) --data $(DATA) $(BENCH_ARGS)
 
+# Every figure at toy sizes with a tiny random model (CI: tests/integration/test_bench_smoke.py).
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke
 

@@ -4,12 +4,13 @@ Synthetic exemplars are built from the model's real support vectors, not drawn f
 Gaussian: each one is a convex mix of two random real exemplars (weight 0.6-1.0 on the
 first) plus small noise, clipped at zero like the ReLU'd max-pool it imitates. They keep
 the real vectors' scale, sparsity and cluster structure, which is what an HNSW graph and
-an L2 threshold react to; isotropic noise would make every neighbour equally far. For a
-dimension other than the model's, the real vectors are first mapped by a fixed random
-Gaussian projection (distances preserved up to a few percent, Johnson-Lindenstrauss).
+an L2 threshold react to; isotropic noise would make every neighbour equally far.
 
 Benchmarks never open a bundle in place: the embedded store admits one process at a
 time, so each one works on its own ``shutil.copytree`` copy under the run's work dir.
+A support set larger than the bundle's is built as ``model.build`` builds a bundle's
+store (``rebuild_support_store``): created with the product's default index settings
+(``EXEMPLAR_STORE__*`` defaults), filled, then ``optimize()`` builds its HNSW index.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model.data import read_examples
-from model.store.base import Exemplar
+from model.store.base import Exemplar, IndexSettings
 from model.store.edge import EdgeStore
 
 #: neighbours searched per event, as in the bundle (k of the admission rule)
@@ -42,22 +43,20 @@ BATCH = 64
 
 @dataclass(frozen=True)
 class MatchingCase:
-    """One support-set size to build and search."""
+    """One support-set size to build and search (vectors of the model's dimension)."""
 
     n: int
-    dim: int | None  # None: the model's exemplar dimension
     queries: int  # events searched per mode (multiple of BATCH)
-    index: bool = True  # build HNSW (optimize) and compare it with the exact scan
+    index: bool = True  # build the indexes (optimize) and compare them with the exact scan
 
 
 @dataclass(frozen=True)
 class Sizes:
     """How much work each figure does; ``full`` and ``smoke`` differ only here."""
 
-    events: int  # daemon / bare forward events per path (test + calib texts cycled)
-    throughput_rounds: int  # the events split into rounds, paths interleaved per round
-    naive_events: int
-    variant_events: int  # events per timing pass of each forward-pass variant
+    throughput_events: int  # events per path, over all rounds (test + calib texts cycled)
+    throughput_rounds: int  # one fresh segment of the stream per round, every path on it
+    variant_events: int  # events per round of the forward-pass variants
     variant_rounds: int
     latency_seconds: float
     latency_fractions: tuple[float, ...]
@@ -70,20 +69,20 @@ class Sizes:
     @classmethod
     def full(cls, skip_1m: bool = False, index_1m: bool = False) -> Sizes:
         matching = [
-            MatchingCase(10_000, None, 1024),
-            MatchingCase(100_000, None, 1024),
+            MatchingCase(10_000, 1024),
+            MatchingCase(30_000, 1024),
+            MatchingCase(100_000, 1024),
             # HNSW over 1M x 1000 takes far longer than the whole run on 2 shared cores
             # (see matching.py): at 1M the exact scan is measured, HNSW extrapolated.
-            MatchingCase(1_000_000, None, 128, index=index_1m),
+            MatchingCase(1_000_000, 128, index=index_1m),
         ]
         if skip_1m:
             matching = [c for c in matching if c.n < 1_000_000]
         return cls(
-            events=2048,
-            throughput_rounds=4,
-            naive_events=128,
+            throughput_events=6 * 320,
+            throughput_rounds=6,
             variant_events=384,
-            variant_rounds=2,
+            variant_rounds=3,
             latency_seconds=15.0,
             latency_fractions=(0.25, 0.5, 0.9),
             pad_support_to=10_000,
@@ -96,18 +95,17 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         return cls(
-            events=192,
+            throughput_events=128,
             throughput_rounds=1,
-            naive_events=16,
-            variant_events=64,
+            variant_events=128,
             variant_rounds=1,
             latency_seconds=1.5,
             latency_fractions=(0.25, 0.5, 0.9),
             pad_support_to=400,
             matching=(
-                MatchingCase(500, None, 64),
-                MatchingCase(2000, None, 64),
-                MatchingCase(5000, None, 64, index=False),
+                MatchingCase(500, 64),
+                MatchingCase(2000, 64),
+                MatchingCase(5000, 64, index=False),
             ),
             memory_sizes=(2000,),
             peak_matmul=256,
@@ -244,14 +242,6 @@ def machine_info() -> dict[str, Any]:
 # --- synthetic exemplars --------------------------------------------------------------
 
 
-def projection(dim_in: int, dim_out: int, seed: int = 7) -> npt.NDArray[np.float32] | None:
-    """Fixed random Gaussian map from the model's dimension to ``dim_out`` (None: identity)."""
-    if dim_out == dim_in:
-        return None
-    rng = np.random.default_rng(seed)
-    return rng.normal(0.0, 1.0 / np.sqrt(dim_out), (dim_in, dim_out)).astype(np.float32)
-
-
 def synthetic_chunks(
     base: npt.NDArray[np.float32],
     n: int,
@@ -267,11 +257,11 @@ def synthetic_chunks(
         first = rng.integers(0, len(base), m)
         second = rng.integers(0, len(base), m)
         w = rng.uniform(0.6, 1.0, (m, 1)).astype(np.float32)
-        x = w * base[first] + (1 - w) * base[second]
+        x: npt.NDArray[np.float32] = w * base[first] + (1 - w) * base[second]
         x += rng.normal(0.0, spread, x.shape).astype(np.float32)
         if nonneg:
             np.maximum(x, 0.0, out=x)
-        yield x.astype(np.float32, copy=False), first
+        yield x, first
 
 
 @dataclass
@@ -286,7 +276,7 @@ class Support:
 
 def read_support(store_path: Path) -> Support:
     with EdgeStore(store_path) as store:
-        rows = list(store.iter_exemplars(with_vectors=True))  # type: ignore[attr-defined]
+        rows = list(store.iter_exemplars(with_vectors=True))
     return Support(
         vectors=np.stack([r.vector for r in rows]).astype(np.float32),
         labels=[r.label for r in rows],
@@ -295,29 +285,20 @@ def read_support(store_path: Path) -> Support:
     )
 
 
-def fill_store(
-    store: EdgeStore,
-    support: Support,
-    n: int,
-    seed: int,
-    project: npt.NDArray[np.float32] | None = None,
-    id_prefix: str = "synthetic",
-    with_text: bool = True,
-) -> float:
+def fill_store(store: EdgeStore, support: Support, n: int, seed: int) -> float:
     """Upsert ``n`` synthetic exemplars (labels and text of the base row); seconds taken."""
-    base = support.vectors if project is None else support.vectors @ project
     started = time.perf_counter()
     done = 0
-    for vectors, origin in synthetic_chunks(base, n, seed):
+    for vectors, origin in synthetic_chunks(support.vectors, n, seed):
         store.upsert(
             [
                 Exemplar(
-                    id=f"{id_prefix}:{done + i}",
+                    id=f"synthetic:{done + i}",
                     vector=vectors[i],
                     label=support.labels[j],
                     predicted=support.predicted[j],
                     source="train",
-                    text=support.texts[j] if with_text else None,
+                    text=support.texts[j],
                 )
                 for i, j in enumerate(origin.tolist())
             ]
@@ -327,13 +308,47 @@ def fill_store(
     return time.perf_counter() - started
 
 
-def pad_bundle_store(bundle_dir: Path, support: Support, target: int, seed: int = 11) -> int:
-    """Pad the bundle copy's store with synthetic exemplars up to ``target``; rows added."""
-    with EdgeStore(bundle_dir / "store") as store:
-        missing = target - store.count()  # type: ignore[attr-defined]
-        if missing > 0:
-            fill_store(store, support, missing, seed)  # type: ignore[arg-type]
-    return max(missing, 0)
+def product_index() -> IndexSettings:
+    """How the product indexes and searches a support set by default (EXEMPLAR_STORE__*)."""
+    from daemon.stores import StoreConfig
+
+    return StoreConfig().index_settings()
+
+
+def rebuild_support_store(
+    bundle_dir: Path, support: Support, target: int, seed: int = 11
+) -> dict[str, Any]:
+    """Replace a bundle copy's store by one of ``target`` exemplars built as ``model.build``
+    builds a bundle's: the product's default index settings, the bundle's own exemplars,
+    synthetic ones up to ``target``, then ``optimize()``."""
+    old, new = bundle_dir / "store", bundle_dir / "store.rebuilt"
+    source = EdgeStore(old)
+    store = EdgeStore(new, dim=source.dim, index=product_index())
+    try:
+        chunk: list[Exemplar] = []
+        for exemplar in source.iter_exemplars(with_vectors=True):
+            chunk.append(exemplar)
+            if len(chunk) == 1024:
+                store.upsert(chunk)
+                chunk = []
+        store.upsert(chunk)
+        source.close()
+        added = max(0, target - store.count())
+        fill_store(store, support, added, seed)
+        started = time.perf_counter()
+        store.optimize()
+        info = {
+            "exemplars": store.count(),
+            "synthetic": added,
+            "indexed_vectors": store.indexed_count,
+            "index_build_s": time.perf_counter() - started,
+        }
+    finally:
+        source.close()
+        store.close()
+    shutil.rmtree(old)
+    new.rename(old)
+    return info
 
 
 # --- small statistics ------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 One ``PredictorWorker`` runs on the benchmark process's main thread (as in figure 1 and
 as ``exemplar run`` does, with the same predictor, batch ``max_size`` 64 and
-``max_wait_ms`` 200). A *load generator*
-subprocess - so its Python work does not share the worker's GIL, as a real client would
-not - runs the levels one after the other, doing two things at once in each:
+``max_wait_ms`` 200). A *load generator* subprocess - so its Python work does not share
+the worker's GIL, as a real client would not - runs the levels one after the other,
+doing two things at once in each:
 
 * a producer sends events at a constant rate (open loop: the schedule does not wait for
   answers), stamping each with the wall-clock time just before ``send``;
@@ -13,9 +13,11 @@ not - runs the levels one after the other, doing two things at once in each:
 
 Latency = arrival - send, per event; p50/p95/p99 over every event of the level (about
 ``latency_seconds`` of load each; a level ends when every output arrived, so the next
-starts on an idle daemon). Both timestamps come from the same machine clock. The mean
-micro-batch size per level comes from the worker's batch-size histogram, read when the
-load generator marks a level's start and end on its stdout.
+starts on an idle daemon). Both timestamps come from the same machine clock. Beside it,
+from the worker's own histograms read when the load generator marks a level's start and
+end on its stdout: the mean micro-batch size, and the mean time from a record's
+timestamp (set by the producer) to its batch's commit - the daemon's share of the
+latency; the rest is delivery of the output to the consumer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from benchmarks.common import BATCH, Context, percentiles
 from benchmarks.streaming import (
     RunningWorker,
+    caught_up,
     daemon_settings,
     event_value,
     prepare_topics,
@@ -49,11 +52,14 @@ with warnings.catch_warnings():
 MAX_WAIT_MS = 200
 
 
-def _batch_stats(running: RunningWorker) -> tuple[float, float]:
+def _worker_sums(running: RunningWorker) -> dict[str, float]:
+    """Running sums and counts of the worker's batch-size and event-latency histograms."""
     registry = running.metrics.registry
-    total = registry.get_sample_value("exemplar_batch_size_sum") or 0.0
-    count = registry.get_sample_value("exemplar_batch_size_count") or 0.0
-    return total, count
+    return {
+        f"{name}_{part}": registry.get_sample_value(f"exemplar_{name}_{part}") or 0.0
+        for name in ("batch_size", "event_latency_seconds")
+        for part in ("sum", "count")
+    }
 
 
 def measure(ctx: Context, predictor: Any, bootstrap: str, max_eps: float) -> dict[str, Any]:
@@ -82,19 +88,19 @@ def measure(ctx: Context, predictor: Any, bootstrap: str, max_eps: float) -> dic
         str(texts_file),
     ]
 
-    def driver(running: RunningWorker) -> tuple[list[dict[str, Any]], list[float | None]]:
+    def driver(running: RunningWorker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         produce_backlog(bootstrap, topics.input, texts[:16], "warmup")
         if not wait_until(lambda: running.processed() >= 16 or running.stopped(), 120):
             raise RuntimeError("latency: the worker did not start")
         return _drive(ctx, running, command)
 
-    levels, batch_means = serve(settings, predictor, driver)
-    for level, fraction, rate, batch in zip(levels, fractions, rates, batch_means, strict=True):
-        level.update({"fraction_of_max": fraction, "target_eps": rate, "mean_batch_size": batch})
+    levels, worker = serve(settings, predictor, driver)
+    for level, fraction, rate, inside in zip(levels, fractions, rates, worker, strict=True):
+        level.update({"fraction_of_max": fraction, "target_eps": rate, **inside})
         ctx.say(
             f"latency at {fraction:.0%} ({rate:.1f} ev/s): p50 {level['p50_ms']:.0f} "
             f"p95 {level['p95_ms']:.0f} p99 {level['p99_ms']:.0f} ms, batch "
-            f"{batch or 0:.1f}"
+            f"{level['mean_batch_size'] or 0:.1f}"
         )
     return {
         "max_eps": max_eps,
@@ -106,40 +112,41 @@ def measure(ctx: Context, predictor: Any, bootstrap: str, max_eps: float) -> dic
 
 def _drive(
     ctx: Context, running: RunningWorker, command: list[str]
-) -> tuple[list[dict[str, Any]], list[float | None]]:
-    """Run the load generator; snapshot the worker's batch sizes at its level marks."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the load generator; per level, the worker's mean batch size and mean latency
+    from a record's timestamp to its batch's commit (histogram sums at the level marks)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     log = ctx.work_dir / "loadgen.log"
-    marks: dict[str, tuple[float, float]] = {}
+    marks: dict[str, dict[str, float]] = {}
     with log.open("w") as err:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         assert proc.stdout is not None
         result: dict[str, Any] | None = None
         for line in proc.stdout:
             if line.startswith("mark "):
-                marks[line.split()[1]] = _batch_stats(running)
+                marks[line.split()[1]] = _worker_sums(running)
             elif line.startswith("{"):
                 result = json.loads(line)
         code = proc.wait(timeout=60)
     if code != 0 or result is None:
         raise RuntimeError(f"load generator failed ({code}):\n{log.read_text()[-3000:]}")
-    means: list[float | None] = []
+    inside = []
     for i in range(len(result["levels"])):
-        (s0, c0), (s1, c1) = marks[f"start-{i}"], marks[f"end-{i}"]
-        means.append((s1 - s0) / (c1 - c0) if c1 > c0 else None)
-    return result["levels"], means
+        a, b = marks[f"start-{i}"], marks[f"end-{i}"]
+        d = {k: b[k] - a[k] for k in a}
+        batches, events = d["batch_size_count"], d["event_latency_seconds_count"]
+        inside.append(
+            {
+                "mean_batch_size": d["batch_size_sum"] / batches if batches else None,
+                "daemon_mean_ms": 1000 * d["event_latency_seconds_sum"] / events
+                if events
+                else None,
+            }
+        )
+    return result["levels"], inside
 
 
 # --- the load generator (runs in its own process) ----------------------------------------
-
-
-def caught_up(consumer: Any, parts: list[Any]) -> bool:
-    """Every assigned partition read up to its high watermark (known after a fetch)."""
-    for tp in parts:
-        high = consumer.highwater(tp)
-        if high is None or consumer.position(tp) < high:
-            return False
-    return True
 
 
 def loadgen(

@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from daemon.config import Settings
+from daemon.config import CuratorConfig, MetricsConfig, Settings
 from daemon.lifecycle import LifecycleService
 from model.build import BuildOptions, build_bundle
 from model.data import Example, read_examples
@@ -174,17 +174,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings = {"base_build_s": round(time.perf_counter() - t0, 1)}
     settings = Settings(
         model_dir=registry.root,
-        metrics={"enabled": False},
-        curator={
-            "min_decisions": 1,
-            "min_candidates": 1,
-            "min_interval_s": 0,
-            "max_epochs": args.epochs,
-            "tolerance": args.tolerance,
-            "candidate_ratio": args.candidate_ratio,
-        },
+        metrics=MetricsConfig(enabled=False),
+        curator=CuratorConfig(
+            min_decisions=1,
+            min_candidates=1,
+            min_interval_s=0,
+            max_epochs=args.epochs,
+            tolerance=args.tolerance,
+            candidate_ratio=args.candidate_ratio,
+        ),
     )
     service = LifecycleService(settings, schedule=False)
+    state = service.state
+    assert state is not None  # --role all keeps the lifecycle state
     if service.runner is not None:
         service.runner.announce = None  # no broker here: promotion flips the pointer only
     report: dict[str, Any] = {
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "test_b": measure(predictor, test_b),
             "repeats_b": measure(predictor, repeats),
             "decisions": args.budget - budget,
-            "candidates": service.state.count_candidates(settings.curator.candidate_ratio),
+            "candidates": state.count_candidates(settings.curator.candidate_ratio),
         }
         print("after decisions:", json.dumps(report["after_decisions"]), flush=True)
 

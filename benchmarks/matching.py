@@ -1,36 +1,39 @@
 """Figure 3: what matching costs as the support set grows (``EdgeStore``, in-process Qdrant).
 
-Each support-set size runs in its own subprocess (a clean RSS baseline, and the engine's
-memory goes back to the OS when it exits):
+Three ways to search the same ``n`` synthetic exemplars (see ``common``: mixes of the
+bundle's real support vectors, with their labels and text as payload) for the same
+queries (real test-split exemplars of the model), in batches of 64, k = 8, payloads
+included, as the predictor calls it:
 
-1. create an ``EdgeStore`` and upsert ``n`` synthetic exemplars (see ``common``: mixes of
-   the bundle's real support vectors, with their labels and text as payload) -> insert
-   time, RSS growth;
-2. search the queries (real test-split exemplars from the model) in batches of 64, k=8,
-   on the plain segments -> exact scan cost (what the product does today: nothing in it
-   calls ``optimize()``);
-3. ``optimize()`` -> HNSW build time, RSS growth, size on disk;
-4. reopen with ``exact=True`` (full scan even of indexed segments) -> exact cost and the
-   ground truth; reopen as the daemon does -> HNSW cost and recall@k against exact ids.
+* **product** - the store as the product builds and opens it by default
+  (``daemon.stores.StoreConfig().index_settings()``: HNSW, int8 scalar quantization
+  whose candidates are rescored with the float32 vectors, the default search ef);
+* **no quantization** - HNSW over the float32 vectors only (same graph settings), a
+  second store built from the same points;
+* **exact** - the product's store opened with ``exact=True``: a full scan of the float32
+  vectors. Its hits are the ground truth of recall@k.
 
-Costs are per event (wall time of 64-query batches / 64, best of 2-3 passes over the
-queries to keep other processes' bursts out) with payloads, as the predictor calls it;
-the ratio to the model's per-event forward time (figure 1's bare forward) is the
-target's measure.
+Each size runs in its own subprocess (a clean RSS baseline; the engine's memory goes
+back to the OS when it exits): insert -> insert time and RSS growth; ``optimize()`` ->
+index build time and RSS growth; disk size; then each mode's cost per event (wall time
+of 64-query batches / 64, best of 2-3 passes over the queries, after a warm-up batch,
+to keep other processes' bursts out) and recall@k. The share of the model's per-event
+time (figure 1's bare forward) is the target's measure.
 
-**1M x 1000.** Building HNSW over 1M x 1000 floats does not fit the run: here 100k x 1000
-took about 2 minutes and 1M x 64 took 11 minutes (0.76 ms/event after it) on 2 shared
-cores. So the 1M case is inserted and searched exactly (steps 1-2; ``--index-1m`` adds
-steps 3-4 for whoever has the time), and HNSW at 1M is extrapolated: the per-event cost
-grew by a factor g from 10k to 100k; HNSW search grows about logarithmically with n, so
-applying the same g again from 100k to 1M over- rather than under-estimates.
+**1M x 1000.** Building HNSW over 1M x 1000 floats does not fit the run on 2 shared cores
+(the build time grows at least linearly: see the measured build times). So the 1M case
+is inserted and searched exactly (``--index-1m`` builds and measures the indexes too, for
+whoever has the time), and the product's index cost at 1M is extrapolated from the
+indexed sizes by a power law fitted to cost vs n (log-log least squares). HNSW search
+cost grows about logarithmically with n, slower than any power law that fits it over
+10k-100k, so the extrapolation over- rather than under-estimates.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
@@ -48,11 +51,13 @@ from benchmarks.common import (
     dir_mb,
     fill_store,
     peak_rss_mb,
-    projection,
+    product_index,
     rss_mb,
     run_json_subprocess,
 )
 from model.store.edge import EdgeStore
+
+MODES = ("product", "no_quantization", "exact")
 
 
 def save_inputs(ctx: Context, support: Support, queries: npt.NDArray[np.float32]) -> Path:
@@ -75,87 +80,69 @@ def measure(
     model_ms_per_event: float | None,
 ) -> dict[str, Any]:
     inputs = save_inputs(ctx, support, queries)
-    model_dim = support.vectors.shape[1]
+    dim = support.vectors.shape[1]
     cases = []
     for case in ctx.sizes.matching:
-        dim = case.dim or model_dim
         ctx.say(
             f"matching: {case.n:,} exemplars x {dim} dims"
             + ("" if case.index else " (exact scan only)")
         )
-        store_dir = ctx.work_dir / f"matching-{case.n}-{dim}"
-        args = [
-            "benchmarks.matching",
-            "--inputs",
-            str(inputs),
-            "--store",
-            str(store_dir),
-            "--n",
-            str(case.n),
-            "--dim",
-            str(dim),
-            "--queries",
-            str(case.queries),
-        ]
+        store_dir = ctx.work_dir / f"matching-{case.n}"
+        args = ["benchmarks.matching", "--inputs", str(inputs), "--store", str(store_dir)]
+        args += ["--n", str(case.n), "--queries", str(case.queries)]
         result = run_json_subprocess(args + ([] if case.index else ["--no-index"]), timeout_s=7200)
         shutil.rmtree(store_dir, ignore_errors=True)
-        if model_ms_per_event:
-            for mode in ("exact", "hnsw", "plain"):
-                if result.get(f"{mode}_ms_per_event") is not None:
-                    result[f"{mode}_vs_model"] = result[f"{mode}_ms_per_event"] / model_ms_per_event
+        for mode in MODES:
+            cost = result["search"].get(mode, {}).get("ms_per_event")
+            if cost is not None and model_ms_per_event:
+                result["search"][mode]["vs_model"] = cost / model_ms_per_event
         cases.append(result)
         ctx.say(
-            f"  insert {result['insert_s']:.0f}s, build {_s(result['build_s'])}, exact "
-            f"{result['exact_ms_per_event']:.2f} ms/ev, hnsw "
-            f"{_s(result['hnsw_ms_per_event'], ' ms/ev')}, recall@{K} "
-            f"{_s(result['recall_at_k'])}"
+            f"  insert {result['insert_s']:.0f}s; "
+            + "; ".join(
+                f"{mode} {r['ms_per_event']:.2f} ms/ev"
+                + (f", recall@{K} {r['recall']:.3f}" if "recall" in r else "")
+                for mode, r in result["search"].items()
+            )
         )
     return {
-        "model_dim": model_dim,
+        "dim": dim,
         "k": K,
         "batch": BATCH,
+        "index": dataclasses.asdict(product_index()),
         "model_ms_per_event": model_ms_per_event,
         "cases": cases,
-        "hnsw_extrapolated": extrapolate(cases, model_ms_per_event),
+        "extrapolated": extrapolate(cases, model_ms_per_event),
     }
-
-
-def _s(v: float | None, unit: str = "") -> str:
-    return "-" if v is None else f"{v:.3g}{unit}"
 
 
 def extrapolate(cases: list[dict[str, Any]], model_ms: float | None) -> dict[str, Any] | None:
-    """HNSW cost at the largest exact-only size, from the growth between two indexed sizes."""
-    indexed = sorted((c for c in cases if c["hnsw_ms_per_event"] is not None), key=lambda c: c["n"])
-    targets = [
-        c
-        for c in cases
-        if c["hnsw_ms_per_event"] is None
-        and indexed
-        and c["n"] > indexed[-1]["n"]
-        and c["dim"] == indexed[-1]["dim"]
-    ]
-    same_dim = [c for c in indexed if targets and c["dim"] == targets[-1]["dim"]]
-    if not targets or len(same_dim) < 2:
+    """The product index's cost at the largest exact-only size, by a power law in n."""
+    indexed = [c for c in cases if "product" in c["search"]]
+    beyond = [c for c in cases if "product" not in c["search"]]
+    if len(indexed) < 2 or not beyond or beyond[-1]["n"] <= indexed[-1]["n"]:
         return None
-    big, lo, hi = targets[-1], same_dim[-2], same_dim[-1]
-    growth = hi["hnsw_ms_per_event"] / lo["hnsw_ms_per_event"]
-    steps = math.log(big["n"] / hi["n"]) / math.log(hi["n"] / lo["n"])
-    hnsw = hi["hnsw_ms_per_event"] * growth**steps
-    build_rate = hi["build_s"] / hi["n"]
+    big = beyond[-1]
+    n = np.log([c["n"] for c in indexed])
+    cost = np.log([c["search"]["product"]["ms_per_event"] for c in indexed])
+    slope, intercept = np.polyfit(n, cost, 1)
+    ms = float(np.exp(intercept + slope * np.log(big["n"])))
+    largest = indexed[-1]
     out = {
         "n": big["n"],
-        "dim": big["dim"],
         "measured": False,
-        "basis": f"HNSW cost x{growth:.2f} from {lo['n']:,} to {hi['n']:,}, applied "
-        f"again per 10x up to {big['n']:,}",
-        "hnsw_ms_per_event": hnsw,
-        "exact_ms_per_event": big["exact_ms_per_event"],
-        "build_s_linear_estimate": build_rate * big["n"],
+        "basis": f"cost ~ n^{slope:.2f}, fitted to the product index's cost at "
+        + ", ".join(f"{c['n']:,}" for c in indexed),
+        "exponent": float(slope),
+        "product_ms_per_event": ms,
+        "exact_ms_per_event": big["search"]["exact"]["ms_per_event"],
+        "build_s_linear_estimate": largest["search"]["product"]["build_s"]
+        * big["n"]
+        / largest["n"],
+        "recall_at_largest": largest["search"]["product"]["recall"],
     }
     if model_ms:
-        out["hnsw_vs_model"] = hnsw / model_ms
-        out["exact_vs_model"] = big["exact_ms_per_event"] / model_ms
+        out["product_vs_model"] = ms / model_ms
     return out
 
 
@@ -179,67 +166,68 @@ def _search(
     return 1000 * best / len(queries), ids
 
 
+def _recall(found: list[list[str]], truth: list[list[str]]) -> float:
+    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth, strict=True)]))
+
+
 def run_case(
-    inputs: Path, store_dir: Path, n: int, dim: int, n_queries: int, index: bool = True
+    inputs: Path, store_dir: Path, n: int, n_queries: int, index: bool = True
 ) -> dict[str, Any]:
     rss0 = rss_mb()
-    support_vectors = np.load(inputs / "support.npy")
     payload = json.loads((inputs / "payload.json").read_text())
-    support = Support(support_vectors, payload["labels"], payload["predicted"], payload["texts"])
-    proj = projection(support_vectors.shape[1], dim)
+    vectors = np.load(inputs / "support.npy")
+    support = Support(vectors, payload["labels"], payload["predicted"], payload["texts"])
+    dim = vectors.shape[1]
     queries = np.load(inputs / "queries.npy")
-    if proj is not None:
-        queries = queries @ proj
     reps = -(-n_queries // len(queries))
     queries = np.ascontiguousarray(np.tile(queries, (reps, 1))[:n_queries], dtype=np.float32)
-    rss_inputs = rss_mb()
-    shutil.rmtree(store_dir, ignore_errors=True)
-
-    store = EdgeStore(store_dir, dim=dim, indexing_threshold_kb=1)
-    insert_s = fill_store(store, support, n, seed=n + dim, project=proj)
-    rss_insert = rss_mb()
     repeats = 2 if n >= 1_000_000 else 3
-    plain_ms, _ = _search(store, queries, repeats)
+    rss_inputs = rss_mb()
+    product = product_index()
+    settings = {
+        "product": product,
+        "no_quantization": dataclasses.replace(product, quantization="none"),
+    }
     result: dict[str, Any] = {
         "n": n,
         "dim": dim,
         "queries": len(queries),
         "indexed": index,
-        "insert_s": insert_s,
-        "insert_per_s": n / insert_s,
-        "plain_ms_per_event": plain_ms,
-        "exact_ms_per_event": plain_ms,
-        "build_s": None,
-        "hnsw_ms_per_event": None,
-        "recall_at_k": None,
-        "rss_growth_insert_mb": rss_insert - rss_inputs,
-        "rss_growth_indexed_mb": None,
         "vector_mb": n * dim * 4 / 2**20,
         "rss_start_mb": rss0,
+        "search": {},
     }
-    if not index:
+    truth: list[list[str]] = []
+    for mode, index_settings in settings.items():
+        path = store_dir / mode
+        shutil.rmtree(path, ignore_errors=True)
+        store = EdgeStore(path, dim=dim, index=index_settings)
+        insert_s = fill_store(store, support, n, seed=n)  # same seed: the same points
+        row: dict[str, Any] = {}
+        if mode == "product":
+            result.update(insert_s=insert_s, rss_growth_insert_mb=rss_mb() - rss_inputs)
+        if index:
+            started = time.perf_counter()
+            store.optimize()
+            row.update(build_s=time.perf_counter() - started, indexed_vectors=store.indexed_count)
+            if mode == "product":
+                result["rss_growth_indexed_mb"] = rss_mb() - rss_inputs
         store.close()
-        result.update(disk_mb=dir_mb(store_dir), rss_peak_mb=peak_rss_mb())
-        return result
-    started = time.perf_counter()
-    store.optimize()
-    result["build_s"] = time.perf_counter() - started
-    result["indexed_vectors"] = store.indexed_count
-    result["rss_growth_indexed_mb"] = rss_mb() - rss_inputs
-    store.close()
-    result["disk_mb"] = dir_mb(store_dir)
-
-    started = time.perf_counter()
-    exact_store = EdgeStore(store_dir, exact=True)
-    result["open_s"] = time.perf_counter() - started
-    result["exact_ms_per_event"], truth = _search(exact_store, queries, repeats)
-    exact_store.close()
-    store = EdgeStore(store_dir)
-    result["hnsw_ms_per_event"], found = _search(store, queries, repeats)
-    store.close()
-    result["recall_at_k"] = float(
-        np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth, strict=True)])
-    )
+        if mode == "product":
+            result["disk_mb"] = dir_mb(path)
+            exact = EdgeStore(path, exact=True)
+            ms, truth = _search(exact, queries, repeats)
+            exact.close()
+            result["search"]["exact"] = {"ms_per_event": ms}
+        if index:
+            store = EdgeStore(path, index=index_settings)
+            row["ms_per_event"], found = _search(store, queries, repeats)
+            row["recall"] = _recall(found, truth)
+            store.close()
+            result["search"][mode] = row
+        shutil.rmtree(path, ignore_errors=True)
+        if not index:
+            break  # exact only: one store
     result["rss_peak_mb"] = peak_rss_mb()
     return result
 
@@ -249,11 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", type=Path, required=True)
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--n", type=int, required=True)
-    p.add_argument("--dim", type=int, required=True)
     p.add_argument("--queries", type=int, required=True)
-    p.add_argument("--no-index", action="store_true", help="insert and scan only, no HNSW")
+    p.add_argument("--no-index", action="store_true", help="insert and scan only, no index")
     a = p.parse_args(argv)
-    result = run_case(a.inputs, a.store, a.n, a.dim, a.queries, index=not a.no_index)
+    result = run_case(a.inputs, a.store, a.n, a.queries, index=not a.no_index)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

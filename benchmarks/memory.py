@@ -1,11 +1,12 @@
 """Figure 5: resident memory of a predictor process with 10k and 100k support exemplars.
 
-For each size a copy of the bundle gets its real support set padded with synthetic
-exemplars (``common.fill_store``: realistic vectors, labels and text payloads) up to the
-size; then a fresh subprocess loads it exactly as the daemon does (``daemon.app.load``:
-bundle, embedded store, predictor), predicts a few batches of 64 events, and reports its
-RSS at each step plus the peak. The store is left as ``exemplar train`` leaves it (plain
-segments, no HNSW); figure 3 reports what an HNSW index adds.
+For each size a copy of the bundle gets a support store of that size built as a bundle's
+is (``common.rebuild_support_store``: its real exemplars plus synthetic ones with
+realistic vectors, labels and text payloads, the product's default index settings, HNSW
+built); then a fresh subprocess loads it as the daemon does (``daemon.app.load``: bundle,
+store through ``daemon.stores.open_store``, predictor with the default forward chunk
+size), predicts a few batches of 64 events, and reports its RSS at each step plus the
+peak.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from benchmarks.common import (
     Context,
     Support,
     dir_mb,
-    pad_bundle_store,
     peak_rss_mb,
+    rebuild_support_store,
     rss_mb,
     run_json_subprocess,
 )
@@ -36,16 +37,20 @@ def measure(ctx: Context, support: Support) -> dict[str, Any]:
     for size in ctx.sizes.memory_sizes:
         bundle = ctx.copy_bundle(f"memory-{size}")
         started = time.perf_counter()
-        added = pad_bundle_store(bundle, support, size)
+        store = rebuild_support_store(bundle, support, size)
         ctx.say(
-            f"memory: support set {size:,} (padded {added:,} in "
+            f"memory: support set {size:,} (built and indexed in "
             f"{time.perf_counter() - started:.0f}s), predictor subprocess"
         )
         result = run_json_subprocess(
             ["benchmarks.memory", "--bundle", str(bundle), "--texts", str(texts_file)],
             timeout_s=900,
         )
-        result.update({"support_set": size, "store_disk_mb": dir_mb(bundle / "store")})
+        result.update(
+            support_set=size,
+            store_disk_mb=dir_mb(bundle / "store"),
+            indexed_vectors=store["indexed_vectors"],
+        )
         rows.append(result)
         ctx.say(
             f"  RSS {result['rss_after_predict_mb']:.0f} MiB (peak "
@@ -57,17 +62,17 @@ def measure(ctx: Context, support: Support) -> dict[str, Any]:
 def child(bundle: Path, texts: list[str]) -> dict[str, Any]:
     rss_start = rss_mb()
     from daemon.app import effective_thresholds
-    from daemon.config import Settings
+    from daemon.config import MetricsConfig, Settings
+    from daemon.stores import open_store
     from model.bundle import load_bundle
     from model.predictor import Predictor
-    from model.store.edge import EdgeStore
 
     rss_imports = rss_mb()
     # what daemon.app.load does, one step at a time so each step's memory shows
-    settings = Settings(model_dir=bundle, metrics={"enabled": False})
+    settings = Settings(model_dir=bundle, metrics=MetricsConfig(enabled=False))
     loaded = load_bundle(bundle)
     rss_model = rss_mb()
-    store = EdgeStore(loaded.store_path)
+    store = open_store(settings.store, loaded)
     rss_store = rss_mb()
     predictor = Predictor(
         loaded.network,
@@ -75,7 +80,7 @@ def child(bundle: Path, texts: list[str]) -> dict[str, Any]:
         store,
         effective_thresholds(loaded, settings.admission),
         loaded.info.version,
-        batch_size=BATCH,
+        batch_size=settings.batch.forward_size,
     )
     count = store.count()
     predictor.predict(texts[:BATCH])

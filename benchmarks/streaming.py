@@ -1,8 +1,9 @@
 """Kafka plumbing the throughput and latency figures share: settings, events, a worker thread.
 
-Everything runs against the real embedded Tansu broker. Client timings are shorter
-than production defaults (a Tansu group join takes about session_timeout/2) but long
-enough that a busy 2-core machine does not miss heartbeats.
+Everything runs against the real embedded Tansu broker, on fresh topics of one partition
+each (the consumer then reads events in the order they were produced). Client timings
+are shorter than production defaults (a Tansu group join takes about session_timeout/2)
+but long enough that a busy 2-core machine does not miss heartbeats.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry
 
-from daemon.config import Settings
+from daemon.config import BatchConfig, MetricsConfig, Settings
 from daemon.metrics import DaemonMetrics
 from daemon.retry import Backoff
 from daemon.worker import PredictorWorker, RunState
@@ -59,10 +60,10 @@ def kafka_config(bootstrap: str, tag: str, session_ms: int = 6_000) -> KafkaConf
 
 
 def fresh_topics(tag: str) -> TopicsConfig:
+    """New topics with one partition: the consumer reads the input in the order produced."""
     suffix = f"{tag}-{uuid.uuid4().hex[:6]}"
-    return TopicsConfig(
-        **{role: f"bench-{suffix}-{role.replace('_', '-')}" for role in TopicsConfig().by_role()}
-    )
+    names = {role: f"bench-{suffix}-{role.replace('_', '-')}" for role in TopicsConfig().by_role()}
+    return TopicsConfig.model_validate({**names, "partitions": 1})
 
 
 def daemon_settings(
@@ -72,8 +73,8 @@ def daemon_settings(
         model_dir=Path("unused"),
         kafka=kafka,
         topics=topics,
-        batch={"max_size": max_size, "max_wait_ms": max_wait_ms},
-        metrics={"enabled": False},
+        batch=BatchConfig(max_size=max_size, max_wait_ms=max_wait_ms),
+        metrics=MetricsConfig(enabled=False),
     )
 
 
@@ -90,11 +91,22 @@ def produce_backlog(bootstrap: str, topic: str, texts: Sequence[str], prefix: st
     producer.close()
 
 
-def output_ids(bootstrap: str, topics: TopicsConfig, quiet_polls: int = 3) -> dict[str, int]:
-    """event id -> how many output records (labels, adjudication, dead letters) carry it."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500
-    )
+def caught_up(consumer: Any, parts: Sequence[Any]) -> bool:
+    """Every assigned partition read up to its high watermark (known after a fetch)."""
+    for tp in parts:
+        high = consumer.highwater(tp)
+        if high is None or consumer.position(tp) < high:
+            return False
+    return True
+
+
+def output_ids(bootstrap: str, topics: TopicsConfig, timeout_s: float = 60.0) -> dict[str, int]:
+    """event id -> how many output records (labels, adjudication, dead letters) carry it.
+
+    Reads every output partition up to its high watermark: called after the worker
+    stopped, whose outputs were all acknowledged before it committed.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         consumer.topics()
         parts = [
@@ -103,16 +115,18 @@ def output_ids(bootstrap: str, topics: TopicsConfig, quiet_polls: int = 3) -> di
             for p in (consumer.partitions_for_topic(t) or [])
         ]
         consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
+        consumer.seek_to_beginning(*parts)  # ListOffsets LATEST is wrong on Tansu
         counts: dict[str, int] = {}
-        idle = 0
-        while idle < quiet_polls:
-            polled = [r for batch in consumer.poll(timeout_ms=300).values() for r in batch]
-            idle = 0 if polled else idle + 1
-            for record in polled:
-                key = record.key.decode() if record.key else ""
-                counts[key] = counts.get(key, 0) + 1
-        return counts
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for batch in consumer.poll(timeout_ms=100).values():
+                for record in batch:
+                    key = record.key.decode() if record.key else ""
+                    counts[key] = counts.get(key, 0) + 1
+            if caught_up(consumer, parts):
+                return counts
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"output topics not read to their end in {timeout_s} s")
     finally:
         consumer.close()
 

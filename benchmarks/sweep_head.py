@@ -56,22 +56,31 @@ def knn(queries: np.ndarray, support: np.ndarray, k: int) -> tuple[np.ndarray, n
     return dist.numpy(), idx.numpy()
 
 
-def neighbours(dist: np.ndarray, idx: np.ndarray, labels: list[str], preds: list[str]
-               ) -> list[list[Neighbor]]:
+def neighbours(
+    dist: np.ndarray, idx: np.ndarray, labels: list[str], preds: list[str]
+) -> list[list[Neighbor]]:
     return [
-        [Neighbor(id=str(j), distance=float(d), label=labels[j], predicted=preds[j],
-                  source="train") for d, j in zip(drow, irow, strict=True)]
+        [
+            Neighbor(
+                id=str(j), distance=float(d), label=labels[j], predicted=preds[j], source="train"
+            )
+            for d, j in zip(drow, irow, strict=True)
+        ]
         for drow, irow in zip(dist, idx, strict=True)
     ]
 
 
-def selective(stats: CalibrationStats, t, probs: np.ndarray, gold: list[str],
-              pred: list[str], soft_t: float) -> dict[str, float]:
-    adm = np.array([
-        t.tau[p] is not None and q >= t.q_min and d <= t.tau[p] and m >= t.margin[p]
-        for p, q, d, m in zip(stats.predicted, stats.support, stats.distance, stats.margin,
-                              strict=True)
-    ])
+def selective(
+    stats: CalibrationStats, t, probs: np.ndarray, gold: list[str], pred: list[str], soft_t: float
+) -> dict[str, float]:
+    adm = np.array(
+        [
+            t.tau[p] is not None and q >= t.q_min and d <= t.tau[p] and m >= t.margin[p]
+            for p, q, d, m in zip(
+                stats.predicted, stats.support, stats.distance, stats.margin, strict=True
+            )
+        ]
+    )
     ok = np.array(pred) == np.array(gold)
     base = probs.max(1) >= soft_t
     return {
@@ -115,33 +124,44 @@ def main() -> None:
     if args.grid == "small":
         grid = list(itertools.product([2, 4], [1000], [0.1, 0.5], [1e-4], [1e-3]))
     else:
-        grid = list(itertools.product([1, 2, 4], [256, 1000, 2000], [0.1, 0.5],
-                                      [1e-4, 1e-2], [1e-3, 3e-4]))
+        grid = list(
+            itertools.product([1, 2, 4], [256, 1000, 2000], [0.1, 0.5], [1e-4, 1e-2], [1e-3, 3e-4])
+        )
     results = []
     for layers, filters, dropout, wd, lr in grid:
-        cfg = NetworkConfig(labels=labels, num_layers=layers, num_filters=filters,
-                            dropout=dropout)
+        cfg = NetworkConfig(labels=labels, num_layers=layers, num_filters=filters, dropout=dropout)
         torch.manual_seed(13)
         net = ExemplarNetwork(cfg, encoder)
         c = {k: slice_layers(v, layers, hidden) for k, v in caches.items()}
         t0 = time.perf_counter()
         res = train_network(
-            net, tok, [e.text for e in fit], [index[str(e.label)] for e in fit],
-            [e.text for e in dev], [index[str(e.label)] for e in dev],
+            net,
+            tok,
+            [e.text for e in fit],
+            [index[str(e.label)] for e in fit],
+            [e.text for e in dev],
+            [index[str(e.label)] for e in dev],
             replace(TrainOptions(), learning_rate=lr, weight_decay=wd, progress=False),
             caches=(c["fit"], c["dev"]),
         )
         train_s = time.perf_counter() - t0
-        support = CachedFeatures(c["fit"].features + c["dev"].features,
-                                 c["fit"].token_masks + c["dev"].token_masks)
+        support = CachedFeatures(
+            c["fit"].features + c["dev"].features, c["fit"].token_masks + c["dev"].token_masks
+        )
         s_probs, s_z = head_outputs(net, support)
         s_pred = [labels[i] for i in s_probs.argmax(1)]
         s_gold = [str(e.label) for e in support_rows]
-        row: dict[str, object] = {"layers": layers, "filters": filters, "dropout": dropout,
-                                  "weight_decay": wd, "lr": lr, "best_epoch": res.best_epoch,
-                                  "dev_accuracy": res.best_dev_accuracy,
-                                  "support_accuracy": float(np.mean(np.array(s_pred) == s_gold)),
-                                  "train_s": round(train_s, 1)}
+        row: dict[str, object] = {
+            "layers": layers,
+            "filters": filters,
+            "dropout": dropout,
+            "weight_decay": wd,
+            "lr": lr,
+            "best_epoch": res.best_epoch,
+            "dev_accuracy": res.best_dev_accuracy,
+            "support_accuracy": float(np.mean(np.array(s_pred) == s_gold)),
+            "train_s": round(train_s, 1),
+        }
         ks = [int(k) for k in args.ks.split(",")]
         outputs = {}
         for name in ("calib", "test"):
@@ -154,10 +174,12 @@ def main() -> None:
                 probs, dist, idx = outputs[name]
                 pred = [labels[i] for i in probs.argmax(1)]
                 top2 = np.sort(probs, 1)[:, -2:]
-                stats = CalibrationStats.build(pred, [str(e.label) for e in rows],
-                                               top2[:, 1] - top2[:, 0],
-                                               neighbours(dist[:, :k], idx[:, :k], s_gold,
-                                                          s_pred))
+                stats = CalibrationStats.build(
+                    pred,
+                    [str(e.label) for e in rows],
+                    top2[:, 1] - top2[:, 0],
+                    neighbours(dist[:, :k], idx[:, :k], s_gold, s_pred),
+                )
                 split_stats[name] = (stats, probs, pred)
             cal_stats, cal_probs, cal_pred = split_stats["calib"]
             t = calibrate(cal_stats, labels, args.alpha, k, near_duplicate=0.0)

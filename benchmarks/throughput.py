@@ -1,44 +1,54 @@
 """Figure 1: events per second through the daemon, next to the work it cannot avoid.
 
-The same events (test + calib texts, cycled) go down several paths through the same
-loaded predictor, in one process:
+Every path below processes the same events (one segment of test + calib texts per
+round) with the same loaded predictor, whose forward pass runs in length-sorted chunks of
+``batch.forward_size`` as the product ships it. The input topics have one partition, so
+the daemon's micro-batches are exactly the consecutive 64-event batches the bare path
+gets. On every path the first micro-batch (64 events) is a warm-up and is not timed, so
+the timed events are the same on every path:
 
-* **daemon** - the real loop: the events are put on the input topic of the embedded
+* **bare** - ``Predictor.forward(batch, explain=True)``, tokenization included, on the
+  segment's 64-event batches: the model work the daemon cannot avoid (issue baseline a).
+* **bare_noexplain** - the same with ``explain=False``: the price of the word
+  contributions the daemon attaches to adjudication records.
+* **daemon** - the real loop: the segment is put on the input topic of the embedded
   broker first (a backlog, so the consumer is never starved), then a ``PredictorWorker``
-  runs in a thread: micro-batches of 64, forward + search + admission, send to the
-  output topics, flush, commit. Rate = events after the first committed batch divided by
-  the time from that batch to the last (group join and warm-up excluded). Every event is
-  then checked to have landed in exactly one output topic.
-* **bare** - ``Predictor.forward`` on the very same 64-event batches, tokenization
-  included, with ``explain=True`` exactly as the daemon calls it.
-* **daemon_noexplain** / **bare_noexplain** - the same without word contributions (a
-  ``Predictor`` subclass passing ``explain=False``): the price of the explanations the
-  daemon attaches to adjudication records.
-* **daemon_1thread** / **bare_1thread** - the same with one torch thread instead of the
-  default (the broker and the Kafka client threads share the cores with it).
-* **naive** - one event at a time: poll one record, predict it, send one output and flush,
-  commit that offset (the same adapters as the daemon); measured at the end, with the
-  default thread count and with one thread.
+  runs as ``exemplar run`` does (micro-batches of 64, forward + search + admission, send,
+  flush, commit). Rate = events after the first committed batch / time from that commit
+  to the last. Every event is then checked to have landed in exactly one output topic.
+* **daemon_1thread** - the daemon with one torch thread instead of torch's default.
+* **daemon_bf16** - the daemon with the encoder's weights in bfloat16 and the exemplar
+  head in float32 (``forward.build_network("bf16_encoder")``; its accuracy cost is in
+  figure 1b). Not the product: a candidate, measured end to end.
+* **naive** - one event at a time (issue baseline b): poll one record, decode it,
+  ``Predictor.predict`` it alone (forward + search + admission), send its output and wait
+  for the acknowledgement (flush), commit its offset; the same adapters as the daemon.
 
-The machine is shared, so the paths run in rounds over the same text segment, the order
-rotated every round, and ratios are medians of per-round ratios (each pair measured
-within minutes on identical texts). CPU per event (this process and its children, the
-broker included) is recorded next to wall time: it does not inflate when other
-processes take the cores. Per-stage seconds come from the worker's own stage histogram.
+The machine is shared, so one run's absolute rate says little. Each round therefore runs
+the bare path before the first other path and again after every other path (order
+rotated each round); a path's speed in a round is taken relative to the mean per-event
+time of the two bare runs that bracket it, which cancels slow drift in the machine's
+load. Ratios between paths are ratios of these relative speeds, per round; the report
+gives their median over rounds and their range, and calls a difference only when every
+round agrees on its sign. CPU time (this process and its children, the broker included)
+is read over each timed window too. Per-stage times come from the worker's own stage
+histogram over the same window.
 
-The compute side (peak matmul FLOP/s, achieved encoder FLOP/s) is in ``forward.py``.
+The compute side (peak matmul FLOP/s, achieved FLOP/s, forward-pass variants) is in
+``forward.py``.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from benchmarks.common import BATCH, Context, batches, torch_threads, tree_cpu_seconds
+from benchmarks.forward import build_network
 from benchmarks.streaming import (
     RunningWorker,
     daemon_settings,
@@ -49,47 +59,36 @@ from benchmarks.streaming import (
     wait_until,
 )
 from daemon.worker import adjudication_request, label_record
-from model.predictor import BatchResult, Predictor
+from model.predictor import Predictor
 from streams.contracts import InputEvent, decode_event
 from streams.kafka import BatchConsumer, OutputProducer, next_offsets
 
+REFERENCE = "bare"
+#: every path but the reference, in the order of the first round
+OTHERS = ("daemon", "naive", "bare_noexplain", "daemon_1thread", "daemon_bf16")
+PATHS = (REFERENCE, *OTHERS)
 
-class NoExplainPredictor(Predictor):
-    """The same predictor with word contributions switched off (measurement only)."""
 
-    @classmethod
-    def of(cls, p: Predictor) -> NoExplainPredictor:
-        return cls(p.network, p.tokenizer, p.store, p.thresholds, p.version, p.batch_size)
-
-    def predict(self, texts: Sequence[str], explain: bool = True) -> BatchResult:
-        return super().predict(texts, explain=False)
+def _timed(events: int, seconds: float, cpu_seconds: float) -> dict[str, Any]:
+    return {
+        "measured_events": events,
+        "seconds": seconds,
+        "eps": events / seconds,
+        "cpu_ms_per_event": 1000 * cpu_seconds / events,
+    }
 
 
 def bare_forward(predictor: Predictor, texts: Sequence[str], explain: bool) -> dict[str, Any]:
-    """``Predictor.forward`` over the daemon's 64-event batches; events/s."""
-    chunks = batches(texts, BATCH)
-    predictor.forward(chunks[0][:8], explain=explain)  # warm-up: first-call allocations
-    started = time.perf_counter()
-    for chunk in chunks:
+    """``Predictor.forward`` over 64-event batches; the first batch is an untimed warm-up."""
+    first, *rest = batches(texts, BATCH)
+    predictor.forward(first, explain=explain)
+    if not rest:
+        raise ValueError("bare_forward needs at least two batches")
+    cpu0, started = tree_cpu_seconds(), time.perf_counter()
+    for chunk in rest:
         predictor.forward(chunk, explain=explain)
     seconds = time.perf_counter() - started
-    return {"events": len(texts), "seconds": seconds, "eps": len(texts) / seconds}
-
-
-def bare_predict(predictor: Predictor, texts: Sequence[str]) -> dict[str, Any]:
-    """``Predictor.predict`` (forward + search + admission) on the same batches."""
-    stages: dict[str, float] = {}
-    started = time.perf_counter()
-    for chunk in batches(texts, BATCH):
-        for name, seconds in predictor.predict(chunk).timings.items():
-            stages[name] = stages.get(name, 0.0) + seconds
-    seconds = time.perf_counter() - started
-    return {
-        "events": len(texts),
-        "seconds": seconds,
-        "eps": len(texts) / seconds,
-        "stage_ms_per_event": {k: 1000 * v / len(texts) for k, v in stages.items()},
-    }
+    return _timed(sum(len(c) for c in rest), seconds, tree_cpu_seconds() - cpu0)
 
 
 def run_daemon(
@@ -100,41 +99,43 @@ def run_daemon(
     timeout_s: float,
     session_ms: int = 6_000,
 ) -> dict[str, Any]:
-    """The predictor loop over a backlog of ``texts``; events/s after the first batch."""
+    """The predictor loop over a backlog of ``texts``; timed from the first commit."""
     kafka, topics = prepare_topics(bootstrap, tag, session_ms)
     produce_backlog(bootstrap, topics.input, texts, tag)
     n = len(texts)
     settings = daemon_settings(kafka, topics, max_size=BATCH)
 
-    def watch(running: RunningWorker) -> tuple[float, int, float, int, dict[str, float]]:
-        if not wait_until(lambda: running.worker.batches_done >= 1 or running.stopped(), timeout_s):
+    def watch(running: RunningWorker) -> dict[str, Any]:
+        if not wait_until(
+            lambda: running.worker.batches_done >= 1 or running.stopped(), timeout_s, 0.005
+        ):
             raise RuntimeError(f"daemon {tag}: no batch within {timeout_s} s")
-        t0, done0 = time.perf_counter(), running.processed()
+        t0, cpu0, done0 = time.perf_counter(), tree_cpu_seconds(), running.processed()
+        stages0, batches0 = running.stage_seconds(), running.worker.batches_done
         if (
             not wait_until(lambda: running.processed() >= n or running.stopped(), timeout_s, 0.005)
             or running.processed() < n
         ):
             raise RuntimeError(f"daemon {tag}: {running.processed()}/{n} in {timeout_s} s")
-        t1 = time.perf_counter()
-        return t0, done0, t1, running.worker.batches_done, running.stage_seconds()
+        t1, cpu1 = time.perf_counter(), tree_cpu_seconds()
+        stages = {k: v - stages0.get(k, 0.0) for k, v in running.stage_seconds().items()}
+        measured = n - done0
+        return {
+            **_timed(measured, t1 - t0, cpu1 - cpu0),
+            "batches": running.worker.batches_done,
+            "measured_batches": running.worker.batches_done - batches0,
+            "stage_ms_per_event": {k: 1000 * v / measured for k, v in sorted(stages.items())},
+        }
 
-    t0, done0, t1, batches_done, stages = serve(settings, predictor, watch)
+    result = serve(settings, predictor, watch)
     seen = output_ids(bootstrap, topics)
     wanted = {f"{tag}-{i}" for i in range(n)}
-    eps = (n - done0) / (t1 - t0)
-    return {
-        "events": n,
-        "measured_events": n - done0,
-        "seconds": t1 - t0,
-        "eps": eps,
-        "batches": batches_done,
-        "every_event_once": set(seen) >= wanted and all(seen[i] == 1 for i in wanted),
-        "duplicates": sum(max(0, seen.get(i, 0) - 1) for i in wanted),
-        "missing": len(wanted - set(seen)),
-        # all n events, first batch included (stage sums cover every batch)
-        "stage_ms_per_event": {k: 1000 * v / n for k, v in sorted(stages.items())},
-        "wall_ms_per_event": 1000 / eps,
-    }
+    result.update(
+        every_event_once=set(seen) >= wanted and all(seen[i] == 1 for i in wanted),
+        duplicates=sum(max(0, seen.get(i, 0) - 1) for i in wanted),
+        missing=len(wanted - set(seen)),
+    )
+    return result
 
 
 def run_naive(
@@ -145,12 +146,16 @@ def run_naive(
     timeout_s: float,
     session_ms: int = 6_000,
 ) -> dict[str, Any]:
-    """Consume one, predict one, produce one + flush, commit one; events/s after the first."""
+    """Consume one, predict one, produce one + wait for the ack, commit one.
+
+    The first ``BATCH`` events are an untimed warm-up, as on the other paths.
+    """
     kafka, topics = prepare_topics(bootstrap, tag, session_ms)
     produce_backlog(bootstrap, topics.input, texts, tag)
     consumer = BatchConsumer(kafka, [topics.input], group_id=kafka.group_id)
     producer = OutputProducer(kafka)
-    done, t0 = 0, 0.0
+    warmup = min(BATCH, len(texts) - 1)
+    done, t0, cpu0 = 0, 0.0, 0.0
     steps = dict.fromkeys(("poll", "predict", "produce_flush", "commit"), 0.0)
     deadline = time.monotonic() + timeout_s
     try:
@@ -166,163 +171,182 @@ def run_naive(
             event = decode_event(
                 record.value, record.key, record.topic, record.partition, record.offset, 20_000
             )
-            assert isinstance(event, InputEvent)
+            if not isinstance(event, InputEvent):
+                raise RuntimeError(f"naive loop: undecodable benchmark event {record.offset}")
             pred = predictor.predict([event.text]).predictions[0]
             t_predicted = time.perf_counter()
             if pred.admitted:
-                producer.send(
-                    topics.output, event.id, label_record(event, record, pred, predictor.version)
-                )
+                message: Any = label_record(event, record, pred, predictor.version)
+                producer.send(topics.output, event.id, message)
             else:
-                producer.send(
-                    topics.adjudication,
-                    event.id,
-                    adjudication_request(event, record, pred, predictor.version),
-                )
+                message = adjudication_request(event, record, pred, predictor.version)
+                producer.send(topics.adjudication, event.id, message)
             producer.flush(kafka.request_timeout_ms / 1000)
             t_flushed = time.perf_counter()
             consumer.commit(next_offsets(records))
             done += 1
-            if done == 1:
-                t0 = time.perf_counter()
-            else:  # steps of the measured events only, like the rate
+            if done == warmup:
+                t0, cpu0 = time.perf_counter(), tree_cpu_seconds()
+            elif done > warmup:
                 steps["poll"] += t_polled - t
                 steps["predict"] += t_predicted - t_polled
                 steps["produce_flush"] += t_flushed - t_predicted
                 steps["commit"] += time.perf_counter() - t_flushed
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, tree_cpu_seconds() - cpu0
     finally:
         producer.close()
         consumer.close()
-    measured = max(1, len(texts) - 1)
+    measured = len(texts) - warmup
     return {
-        "events": len(texts),
-        "seconds": seconds,
-        "eps": measured / seconds,
+        **_timed(measured, seconds, cpu),
         "step_ms_per_event": {k: 1000 * v / measured for k, v in steps.items()},
     }
 
 
-PATHS = ("bare", "daemon", "daemon_noexplain", "daemon_1thread", "bare_noexplain", "bare_1thread")
+def path_runners(
+    predictor: Predictor, bootstrap: str, session_ms: int
+) -> dict[str, Callable[[Sequence[str], str], dict[str, Any]]]:
+    """One callable per path: ``(texts, tag) -> timed result``."""
+    bf16 = Predictor(
+        build_network(predictor.network, "bf16_encoder"),
+        predictor.tokenizer,
+        predictor.store,
+        predictor.thresholds,
+        predictor.version,
+        batch_size=predictor.batch_size,
+    )
 
+    def timeout(texts: Sequence[str]) -> float:
+        return 60.0 + 2.0 * len(texts)
 
-def run_path(
-    path: str, predictor: Predictor, bootstrap: str, texts: Sequence[str], tag: str, session_ms: int
-) -> dict[str, Any]:
-    """One timed pass of ``texts`` down one path, with the CPU it cost (broker included)."""
-    timeout = 60.0 + 2.0 * len(texts)
-    cpu0 = tree_cpu_seconds()
-    if path == "bare":
-        result = bare_forward(predictor, texts, explain=True)
-    elif path == "bare_noexplain":
-        result = bare_forward(predictor, texts, explain=False)
-    elif path == "bare_1thread":
-        with torch_threads(1):
-            result = bare_forward(predictor, texts, explain=True)
-    elif path == "daemon":
-        result = run_daemon(predictor, bootstrap, texts, tag, timeout, session_ms)
-    elif path == "daemon_noexplain":
-        result = run_daemon(
-            NoExplainPredictor.of(predictor), bootstrap, texts, tag, timeout, session_ms
-        )
-    elif path == "daemon_1thread":
-        with torch_threads(1):
-            result = run_daemon(predictor, bootstrap, texts, tag, timeout, session_ms)
-    else:
-        raise ValueError(path)
-    result["cpu_ms_per_event"] = 1000 * (tree_cpu_seconds() - cpu0) / len(texts)
-    return result
+    def daemon(p: Predictor, threads: int | None = None) -> Callable[..., dict[str, Any]]:
+        def run(texts: Sequence[str], tag: str) -> dict[str, Any]:
+            with torch_threads(threads):
+                return run_daemon(p, bootstrap, texts, tag, timeout(texts), session_ms)
 
+        return run
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    measured = sum(r.get("measured_events", r["events"]) for r in runs)
     return {
-        "eps": statistics.median(r["eps"] for r in runs),
-        "eps_rounds": [r["eps"] for r in runs],
-        "eps_pooled": measured / sum(r["seconds"] for r in runs),
-        "cpu_ms_per_event": statistics.mean(r["cpu_ms_per_event"] for r in runs),
+        "bare": lambda texts, _tag: bare_forward(predictor, texts, explain=True),
+        "bare_noexplain": lambda texts, _tag: bare_forward(predictor, texts, explain=False),
+        "daemon": daemon(predictor),
+        "daemon_1thread": daemon(predictor, threads=1),
+        "daemon_bf16": daemon(bf16),
+        "naive": lambda texts, tag: run_naive(
+            predictor, bootstrap, texts, tag, 60.0 + 5.0 * len(texts), session_ms
+        ),
     }
 
 
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, range and every value of a per-round quantity."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "rounds": list(values),
+    }
+
+
+def measure(ctx: Context, predictor: Predictor, bootstrap: str) -> dict[str, Any]:
+    """Rounds over fresh segments of the stream; the bare path brackets every other path."""
+    sizes = ctx.sizes
+    per_round = sizes.throughput_events // sizes.throughput_rounds
+    if per_round % BATCH or per_round < 2 * BATCH:
+        raise ValueError(f"events per round ({per_round}) must be a multiple of {BATCH}, >= 2x")
+    texts = ctx.stream_texts(per_round * sizes.throughput_rounds)
+    segments = batches(texts, per_round)
+    runners = path_runners(predictor, bootstrap, sizes.kafka_session_ms)
+    predictor.predict(texts[:BATCH])  # page the store in before the first round
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
+    relative: dict[str, list[float]] = {p: [] for p in OTHERS}
+    for r, segment in enumerate(segments):
+        order = OTHERS[r % len(OTHERS) :] + OTHERS[: r % len(OTHERS)]
+        before = runners[REFERENCE](segment, f"{REFERENCE}-{r}-0")
+        runs[REFERENCE].append(before)
+        for i, path in enumerate(order):
+            result = runners[path](segment, f"{path}-{r}")
+            after = runners[REFERENCE](segment, f"{REFERENCE}-{r}-{i + 1}")
+            runs[path].append(result)
+            runs[REFERENCE].append(after)
+            # bare's speed at the time: the mean per-event time of the bracketing runs
+            bare_eps = 2 / (1 / before["eps"] + 1 / after["eps"])
+            relative[path].append(result["eps"] / bare_eps)
+            before = after
+        ctx.say(
+            f"throughput round {r + 1}/{len(segments)} ({len(segment)} events, "
+            f"{len(segment) - BATCH} timed): bare {runs[REFERENCE][-1]['eps']:.1f} ev/s; "
+            + ", ".join(f"{p} {relative[p][-1]:.2f}x" for p in OTHERS)
+        )
+
+    def ratio(a: str, b: str | None = None) -> dict[str, Any]:
+        """Per-round speed of path ``a`` over path ``b`` (default: the bare forward)."""
+        if b is None:
+            return spread(relative[a])
+        return spread([x / y for x, y in zip(relative[a], relative[b], strict=True)])
+
+    summary = {
+        p: {
+            "eps": statistics.median(r["eps"] for r in v),
+            "eps_runs": [r["eps"] for r in v],
+            "cpu_ms_per_event": statistics.median(r["cpu_ms_per_event"] for r in v),
+            "vs_bare": ratio(p) if p in relative else None,
+        }
+        for p, v in runs.items()
+    }
+    ratios = {
+        "daemon_vs_bare": ratio("daemon"),
+        "daemon_vs_naive": ratio("daemon", "naive"),
+        "bare_noexplain_vs_bare": ratio("bare_noexplain"),
+        "daemon_1thread_vs_daemon": ratio("daemon_1thread", "daemon"),
+        "daemon_bf16_vs_daemon": ratio("daemon_bf16", "daemon"),
+    }
+    daemon_eps = summary["daemon"]["eps"]
+    ctx.shared["daemon_eps"] = daemon_eps
+    ctx.say(
+        f"  daemon / bare {ratios['daemon_vs_bare']['median']:.3f}, daemon / naive "
+        f"{ratios['daemon_vs_naive']['median']:.2f} (medians over {len(segments)} rounds)"
+    )
+    return {
+        "daemon_eps": daemon_eps,
+        "bare_forward_eps": summary["bare"]["eps"],
+        "naive_eps": summary["naive"]["eps"],
+        "daemon_vs_bare": ratios["daemon_vs_bare"]["median"],
+        "daemon_vs_naive": ratios["daemon_vs_naive"]["median"],
+        "ratios": ratios,
+        "paths": summary,
+        "daemon": _daemon_detail(runs["daemon"]),
+        "daemon_1thread": _daemon_detail(runs["daemon_1thread"]),
+        "daemon_bf16": _daemon_detail(runs["daemon_bf16"]),
+        "naive": {
+            "step_ms_per_event": _mean_of(r["step_ms_per_event"] for r in runs["naive"]),
+        },
+        "rounds": len(segments),
+        "events_per_round": per_round,
+        "timed_events_per_round": per_round - BATCH,
+        "batch_size": BATCH,
+        "forward_size": predictor.batch_size,
+        "torch_threads_default": torch.get_num_threads(),
+        "support_set": ctx.shared.get("daemon_support_size"),
+    }
+
+
+def _mean_of(dicts: Any) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            values.setdefault(k, []).append(v)
+    return {k: statistics.mean(v) for k, v in sorted(values.items())}
+
+
 def _daemon_detail(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    stages: dict[str, list[float]] = {}
-    for r in runs:
-        for k, v in r["stage_ms_per_event"].items():
-            stages.setdefault(k, []).append(v)
     return {
         "every_event_once": all(r["every_event_once"] for r in runs),
         "missing": sum(r["missing"] for r in runs),
         "duplicates": sum(r["duplicates"] for r in runs),
         "batches": sum(r["batches"] for r in runs),
-        "stage_ms_per_event": {k: statistics.mean(v) for k, v in sorted(stages.items())},
-        "wall_ms_per_event": statistics.mean(r["wall_ms_per_event"] for r in runs),
-    }
-
-
-def _paired(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> float:
-    """Median over rounds of eps(a) / eps(b), measured minutes apart on the same texts."""
-    return statistics.median(x["eps"] / y["eps"] for x, y in zip(runs[a], runs[b], strict=True))
-
-
-def measure(ctx: Context, predictor: Predictor, bootstrap: str) -> dict[str, Any]:
-    """Rounds of the same texts down every path, the order rotated each round."""
-    sizes = ctx.sizes
-    texts = ctx.stream_texts(sizes.events)
-    per_round = batches(texts, len(texts) // sizes.throughput_rounds)[: sizes.throughput_rounds]
-    session = sizes.kafka_session_ms
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
-    for r, segment in enumerate(per_round):
-        order = PATHS[r % len(PATHS) :] + PATHS[: r % len(PATHS)]
-        for path in order:
-            runs[path].append(run_path(path, predictor, bootstrap, segment, f"{path}-{r}", session))
-        ctx.say(
-            f"throughput round {r + 1}/{len(per_round)} ({len(segment)} events): "
-            + ", ".join(f"{p} {runs[p][-1]['eps']:.1f}" for p in PATHS)
-            + " ev/s"
-        )
-    summary = {p: _summary(v) for p, v in runs.items()}
-    predict = bare_predict(predictor, per_round[0])
-    naive_texts = texts[: sizes.naive_events]
-    naive_timeout = 60.0 + 5.0 * len(naive_texts)
-    naive = run_naive(predictor, bootstrap, naive_texts, "naive", naive_timeout, session)
-    with torch_threads(1):
-        naive_1thread = run_naive(
-            predictor, bootstrap, naive_texts, "naive1", naive_timeout, session
-        )
-    ctx.say(f"  naive {naive['eps']:.1f} ev/s, with 1 torch thread {naive_1thread['eps']:.1f}")
-    daemon_eps, bare_eps = summary["daemon"]["eps"], summary["bare"]["eps"]
-    ctx.shared["daemon_eps"] = daemon_eps
-    return {
-        "daemon_eps": daemon_eps,
-        "bare_forward_eps": bare_eps,
-        "naive_eps": naive["eps"],
-        "daemon_vs_bare": _paired(runs, "daemon", "bare"),
-        # bare CPU / daemon CPU per event: the ratio a dedicated machine would approach
-        "daemon_vs_bare_cpu": summary["bare"]["cpu_ms_per_event"]
-        / summary["daemon"]["cpu_ms_per_event"],
-        "daemon_vs_naive": daemon_eps / naive["eps"],
-        "bare_forward_noexplain_eps": summary["bare_noexplain"]["eps"],
-        "daemon_noexplain_eps": summary["daemon_noexplain"]["eps"],
-        "daemon_1thread_eps": summary["daemon_1thread"]["eps"],
-        "explain_cost_bare": 1 - _paired(runs, "bare", "bare_noexplain"),
-        "explain_cost_daemon": 1 - _paired(runs, "daemon", "daemon_noexplain"),
-        "one_thread_vs_default_daemon": _paired(runs, "daemon_1thread", "daemon"),
-        "bare_1thread_eps": summary["bare_1thread"]["eps"],
-        "daemon_vs_bare_1thread": _paired(runs, "daemon_1thread", "bare_1thread"),
-        "naive_1thread_eps": naive_1thread["eps"],
-        "daemon_vs_naive_1thread": summary["daemon_1thread"]["eps"] / naive_1thread["eps"],
-        "torch_threads_default": torch.get_num_threads(),
-        "paths": summary,
-        "bare_predict_eps": predict["eps"],
-        "bare_predict_stage_ms_per_event": predict["stage_ms_per_event"],
-        "events": len(texts),
-        "rounds": len(per_round),
-        "events_per_round": len(per_round[0]),
-        "naive_events": len(naive_texts),
-        "batch_size": BATCH,
-        "support_set": ctx.shared.get("daemon_support_size"),
-        "daemon": _daemon_detail(runs["daemon"]),
-        "daemon_1thread": _daemon_detail(runs["daemon_1thread"]),
-        "naive": naive,
-        "naive_1thread": naive_1thread,
+        "measured_batches": sum(r["measured_batches"] for r in runs),
+        "measured_events": sum(r["measured_events"] for r in runs),
+        "stage_ms_per_event": _mean_of(r["stage_ms_per_event"] for r in runs),
+        "wall_ms_per_event": statistics.mean(1000 / r["eps"] for r in runs),
     }

