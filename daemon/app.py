@@ -5,20 +5,19 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
-from prometheus_client import CollectorRegistry
+import torch
 
-from daemon.config import AdmissionOverrides, Settings
-from daemon.http import Health, HttpEndpoint
-from daemon.metrics import DaemonMetrics
+from daemon.config import AdmissionOverrides, ComputeConfig, Settings
 from daemon.stores import open_store
-from daemon.worker import PredictorWorker
 from model.admission import Thresholds, calibrate
 from model.bundle import Bundle, load_bundle
 from model.errors import ConfigError
 from model.predictor import Predictor
 from model.store.base import ExemplarStore
+from model.store.locked import LockedStore
 
 log = structlog.get_logger(__name__)
 
@@ -58,18 +57,67 @@ def effective_thresholds(bundle: Bundle, overrides: AdmissionOverrides) -> Thres
         raise ConfigError(f"EXEMPLAR_ADMISSION__*: {exc}") from None
 
 
-def load(settings: Settings, model_dir: str | None = None, batch_size: int = 64) -> Loaded:
-    """Load the bundle at ``model_dir`` (default: settings) with its store (EXEMPLAR_STORE__*)."""
-    bundle = load_bundle(model_dir or settings.model_dir)
+def cpu_has_bf16() -> bool | None:
+    """Whether the CPU does bfloat16 arithmetic natively (None: cannot tell)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_warned_slow_dtype = False
+
+
+def configure_compute(compute: ComputeConfig) -> None:
+    """Process-wide settings of the model's arithmetic; call once at start."""
+    if compute.torch_threads is not None:
+        torch.set_num_threads(compute.torch_threads)
+    global _warned_slow_dtype
+    if compute.encoder_dtype == "bfloat16" and not _warned_slow_dtype and cpu_has_bf16() is False:
+        _warned_slow_dtype = True
+        log.warning(
+            "encoder_dtype_slow",
+            detail="EXEMPLAR_COMPUTE__ENCODER_DTYPE=bfloat16 on a CPU without AVX512-BF16 "
+            "or AMX: bfloat16 is emulated there and slower than float32",
+        )
+
+
+def load_serving_bundle(path: str | Path, compute: ComputeConfig) -> Bundle:
+    """A bundle ready to serve: its network in the configured precision."""
+    bundle = load_bundle(path)
+    if compute.encoder_dtype == "bfloat16":
+        bundle.network.set_encoder_dtype(torch.bfloat16)
+    return bundle
+
+
+def load(
+    settings: Settings,
+    model_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    *,
+    store_client: object | None = None,
+    publish: bool = True,
+    locked: bool = False,
+) -> Loaded:
+    """Load the bundle at ``model_dir`` (default: settings) with its store, ready to serve
+    as ``settings`` say (admission overrides, precision, store, forward chunk size).
+
+    ``store_client``/``publish``: see :func:`daemon.stores.open_store`; ``locked`` puts
+    the store behind a lock for threads that share it (predictor and curator)."""
+    configure_compute(settings.compute)
+    bundle = load_serving_bundle(model_dir or settings.model_dir, settings.compute)
     thresholds = effective_thresholds(bundle, settings.admission)
-    store = open_store(settings.store, bundle)
+    store: ExemplarStore = open_store(settings.store, bundle, store_client, publish=publish)
+    if locked:
+        store = LockedStore(store)
     predictor = Predictor(
         bundle.network,
         bundle.tokenizer,
         store,
         thresholds,
         bundle.info.version,
-        batch_size=batch_size,
+        batch_size=batch_size or settings.batch.forward_size,
     )
     return Loaded(bundle, store, predictor)
 
@@ -83,30 +131,3 @@ def install_stop_handlers(request_stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-def run_predictor(settings: Settings, registry: CollectorRegistry | None = None) -> int:
-    """`exemplar run`: serve the model in ``settings.model_dir`` until asked to stop."""
-    loaded = load(settings, batch_size=settings.batch.forward_size)
-    metrics = DaemonMetrics.create(registry or CollectorRegistry())
-    health = Health()
-    endpoint: HttpEndpoint | None = None
-    try:
-        if settings.metrics.enabled:
-            endpoint = HttpEndpoint(
-                settings.metrics.host, settings.metrics.port, metrics.registry, health
-            )
-            log.info(
-                "http_listening",
-                metrics=f"{endpoint.url}/metrics",
-                health=f"{endpoint.url}/healthz",
-                ready=f"{endpoint.url}/readyz",
-            )
-        worker = PredictorWorker(settings, loaded.predictor, metrics, health=health)
-        install_stop_handlers(worker.request_stop)
-        worker.run()
-    finally:
-        if endpoint is not None:
-            endpoint.close()
-        loaded.close()
-    return 0

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import structlog
 
-from daemon.app import effective_thresholds
-from daemon.config import AdmissionOverrides
-from daemon.stores import StoreConfig, open_store
-from model.bundle import Bundle, load_bundle
+from daemon.app import load
+from daemon.config import Settings
+from model.bundle import Bundle
 from model.predictor import Predictor
 from model.registry import Registry
 from model.store.locked import LockedStore
@@ -50,30 +49,19 @@ class ServingVersion:
 
 def open_version(
     path: Path,
-    overrides: AdmissionOverrides,
-    batch_size: int = 64,
-    store_config: StoreConfig | None = None,
+    settings: Settings,
     store_client: object | None = None,
     publish: bool = True,
 ) -> ServingVersion:
-    """Load the bundle at ``path`` with its store (embedded or server) behind a lock.
+    """Load the bundle at ``path`` with its store (embedded or server) behind a lock,
+    as ``settings`` say (admission overrides, forward chunk size, store, precision).
 
     ``store_client`` (a ``QdrantClient``) stands in for ``EXEMPLAR_STORE__URL``; tests
-    share one local-mode client between roles with it."""
-    bundle = load_bundle(path)
-    thresholds = effective_thresholds(bundle, overrides)
-    store = LockedStore(
-        open_store(store_config or StoreConfig(), bundle, store_client, publish=publish)
-    )
-    predictor = Predictor(
-        bundle.network,
-        bundle.tokenizer,
-        store,
-        thresholds,
-        bundle.info.version,
-        batch_size=batch_size,
-    )
-    return ServingVersion(Path(path), bundle, store, predictor)
+    share one local-mode client between roles with it. ``publish=False`` (a split
+    deployment's predictor) only opens versions a curator published to the server."""
+    loaded = load(settings, path, store_client=store_client, publish=publish, locked=True)
+    assert isinstance(loaded.store, LockedStore)
+    return ServingVersion(Path(path), loaded.bundle, loaded.store, loaded.predictor)
 
 
 #: Called with (new version, retire): hand the new predictor over, then ``retire(old)``
@@ -88,21 +76,16 @@ class ServingModel:
         self,
         current: ServingVersion,
         registry: Registry | None,
-        overrides: AdmissionOverrides,
-        batch_size: int = 64,
-        store_config: StoreConfig | None = None,
+        settings: Settings,
         store_client: object | None = None,
         publish: bool = True,
     ) -> None:
-        """``publish=False`` (a split deployment's predictor): only open versions that a
-        curator has published to the store server."""
         self.current = current
-        self.store_config = store_config or StoreConfig()
+        self.registry = registry
+        self.settings = settings
+        self.store_config = settings.store
         self.store_client = store_client
         self.publish = publish
-        self.registry = registry
-        self.overrides = overrides
-        self.batch_size = batch_size
         self.lock = threading.RLock()
         self._listeners: list[SwapListener] = []
         self._retiring: dict[int, ServingVersion] = {}
@@ -112,26 +95,15 @@ class ServingModel:
         cls,
         bundle_path: Path,
         registry: Registry | None,
-        overrides: AdmissionOverrides,
-        batch_size: int = 64,
-        store_config: StoreConfig | None = None,
+        settings: Settings,
         store_client: object | None = None,
         publish: bool = True,
     ) -> ServingModel:
-        current = open_version(
-            bundle_path, overrides, batch_size, store_config, store_client, publish
-        )
-        return cls(current, registry, overrides, batch_size, store_config, store_client, publish)
+        current = open_version(bundle_path, settings, store_client, publish)
+        return cls(current, registry, settings, store_client, publish)
 
     def open_version(self, path: Path) -> ServingVersion:
-        return open_version(
-            path,
-            self.overrides,
-            self.batch_size,
-            self.store_config,
-            self.store_client,
-            self.publish,
-        )
+        return open_version(path, self.settings, self.store_client, self.publish)
 
     def add_listener(self, listener: SwapListener) -> None:
         self._listeners.append(listener)

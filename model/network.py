@@ -168,6 +168,11 @@ class ExemplarNetwork(nn.Module):
     def feature_dim(self) -> int:
         return int(self.conv.in_channels)
 
+    def set_encoder_dtype(self, dtype: torch.dtype) -> None:
+        """Run the encoder in ``dtype`` (e.g. bfloat16 for speed on CPUs with bf16
+        arithmetic); the CNN and the head stay float32, token features are cast up."""
+        nn.Module.to(self.encoder, dtype)  # transformers' .to() override is typed for devices
+
     def set_encoder_trainable(self, trainable: bool) -> None:
         for p in self.encoder.parameters():
             p.requires_grad_(trainable)

@@ -11,8 +11,10 @@ restart and ``exemplar audit`` lists them.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,31 @@ def send(bootstrap: str, topic: str, *bodies: dict[str, Any]) -> None:
     produce(
         bootstrap, topic, [(str(b.get("id", "")).encode(), json.dumps(b).encode()) for b in bodies]
     )
+
+
+@contextmanager
+def steady_stream(bootstrap: str, topic: str, texts: list[str]) -> Iterator[list[str]]:
+    """Sends 5 events every 0.25 s on a thread while the body runs; yields the ids sent
+    (the list grows until the body ends)."""
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            batch = [{"id": f"s-{i + j}", "text": texts[(i + j) % len(texts)]} for j in range(5)]
+            send(bootstrap, topic, *batch)
+            sent.extend(b["id"] for b in batch)
+            i += 5
+            time.sleep(0.25)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        yield sent
+    finally:
+        stop.set()
+        streamer.join()
 
 
 def other_label(labels: list[str], label: str) -> str:

@@ -36,6 +36,7 @@ from tests.integration.test_curator import (
     other_label,
     send,
     service_starter,
+    steady_stream,
     wait_for,
 )
 from tests.integration.test_daemon import outputs_by_id, read_topic
@@ -90,21 +91,7 @@ def test_candidates_trigger_a_fine_tune_that_is_promoted_and_swapped_in_mid_stre
     # a steady stream of in-domain events: candidates accumulate, the job starts, the
     # swap happens while events are still arriving
     texts = [r["text"] for r in toy_corpus(60, seed=99)]
-    sent: list[str] = []
-    stop_stream = threading.Event()
-
-    def stream() -> None:
-        i = 0
-        while not stop_stream.is_set():
-            batch = [{"id": f"s-{i + j}", "text": texts[(i + j) % len(texts)]} for j in range(5)]
-            send(kafka_broker, unique_topics.input, *batch)
-            sent.extend(b["id"] for b in batch)
-            i += 5
-            time.sleep(0.25)
-
-    streamer = threading.Thread(target=stream)
-    streamer.start()
-    try:
+    with steady_stream(kafka_broker, unique_topics.input, texts) as sent:
         runner = service.runner
         assert runner is not None
         wait_for(lambda: runner.process is not None, 90)
@@ -121,9 +108,6 @@ def test_candidates_trigger_a_fine_tune_that_is_promoted_and_swapped_in_mid_stre
         new_version = registry.serving_version()
         wait_for(lambda: service.worker.predictor.version == new_version, 30)  # type: ignore[union-attr]
         time.sleep(1.5)  # keep streaming through and past the swap
-    finally:
-        stop_stream.set()
-        streamer.join()
 
     seen = outputs_by_id(kafka_broker, unique_topics, expect=len(sent) + 1, timeout_s=90)
     missing = set(sent) - set(seen)

@@ -45,6 +45,7 @@ from tests.integration.test_curator import (
     other_label,
     send,
     service_starter,
+    steady_stream,
     wait_for,
 )
 from tests.integration.test_daemon import outputs_by_id, read_topic
@@ -244,21 +245,7 @@ def test_a_promotion_by_the_curator_reaches_a_separate_predictor_mid_stream(
     assert qdrant.get_aliases().aliases[0].collection_name == collection_name(prefix, old_version)
 
     texts = [r["text"] for r in toy_corpus(60, seed=99)]
-    sent: list[str] = []
-    stop_stream = threading.Event()
-
-    def stream() -> None:
-        i = 0
-        while not stop_stream.is_set():
-            batch = [{"id": f"s-{i + j}", "text": texts[(i + j) % len(texts)]} for j in range(5)]
-            send(kafka_broker, unique_topics.input, *batch)
-            sent.extend(b["id"] for b in batch)
-            i += 5
-            time.sleep(0.25)
-
-    streamer = threading.Thread(target=stream)
-    streamer.start()
-    try:
+    with steady_stream(kafka_broker, unique_topics.input, texts) as sent:
         state = curator.state
         assert state is not None and curator.runner is not None
         wait_for(lambda: state.count_candidates(1.0) >= 1, 60)
@@ -272,9 +259,6 @@ def test_a_promotion_by_the_curator_reaches_a_separate_predictor_mid_stream(
         worker = predictor.worker
         wait_for(lambda: worker.predictor.version == new_version, 30)
         time.sleep(1.5)  # keep streaming through and past the swap
-    finally:
-        stop_stream.set()
-        streamer.join()
 
     seen = outputs_by_id(kafka_broker, unique_topics, expect=len(sent), timeout_s=90)
     missing = set(sent) - set(seen)

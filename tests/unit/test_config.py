@@ -22,6 +22,8 @@ def test_defaults_and_nested_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.topics.output == "exemplar.labels"
     assert s.admission.alpha == 0.9 and s.admission.tau == {"fresh": 12.5}
     assert s.metrics.host == "127.0.0.1" and s.metrics.port == 9108
+    assert s.compute.encoder_dtype == "float32" and s.compute.torch_threads is None
+    assert s.batch.forward_size == 16
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,9 @@ def test_defaults_and_nested_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     [
         ("EXEMPLAR_ADMISSION__ALPHA", "1.5", "EXEMPLAR_ADMISSION__ALPHA"),
         ("EXEMPLAR_BATCH__MAX_SIZE", "0", "EXEMPLAR_BATCH__MAX_SIZE"),
+        ("EXEMPLAR_BATCH__FORWARD_SIZE", "0", "EXEMPLAR_BATCH__FORWARD_SIZE"),
+        ("EXEMPLAR_COMPUTE__ENCODER_DTYPE", "float16", "EXEMPLAR_COMPUTE__ENCODER_DTYPE"),
+        ("EXEMPLAR_COMPUTE__TORCH_THREADS", "0", "EXEMPLAR_COMPUTE__TORCH_THREADS"),
         ("EXEMPLAR_METRICS__PORT", "http", "EXEMPLAR_METRICS__PORT"),
         ("EXEMPLAR_KAFKA__SECURITY_PROTOCOL", "SASL_SSL", "EXEMPLAR_KAFKA__SASL_MECHANISM"),
         ("EXEMPLAR_NO_SUCH_SETTING", "1", "EXEMPLAR_NO_SUCH_SETTING"),

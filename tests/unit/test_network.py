@@ -47,6 +47,24 @@ def test_shapes(tiny_encoder: Path, labels: tuple[str, ...]) -> None:
     assert (out.exemplar >= 0).all()  # ReLU after the max-pool
 
 
+def test_a_bfloat16_encoder_keeps_the_head_in_float32_and_close(tiny_encoder: Path) -> None:
+    net, tok = _network(tiny_encoder, ("neg", "pos"))
+    enc = tokenize(tok, TEXTS, 32)
+    with torch.no_grad():
+        full = net(enc)
+        net.set_encoder_dtype(torch.bfloat16)
+        half = net(enc)
+        contrib = net.token_contributions(half, enc.input_ids.shape[1])
+    assert {p.dtype for p in net.encoder.parameters()} == {torch.bfloat16}
+    assert net.head.weight.dtype == net.conv.weight.dtype == torch.float32
+    assert half.logits.dtype == half.exemplar.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: close to, not equal to, the float32 pass
+    assert not torch.equal(half.exemplar, full.exemplar)
+    torch.testing.assert_close(half.exemplar, full.exemplar, rtol=0.05, atol=0.05)
+    # the attributions stay exact for what the head saw
+    torch.testing.assert_close(contrib.sum(dim=1) + net.head.bias, half.logits)
+
+
 @pytest.mark.parametrize("labels", [("neg", "pos"), ("a", "b", "c")])
 def test_contributions_add_up_to_logits(tiny_encoder: Path, labels: tuple[str, ...]) -> None:
     net, tok = _network(tiny_encoder, labels)
