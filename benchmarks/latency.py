@@ -2,7 +2,7 @@
 
 One ``PredictorWorker`` runs on the benchmark process's main thread (as in figure 1 and
 as ``exemplar run`` does, with the same predictor, batch ``max_size`` 64 and
-``max_wait_ms`` 200). A *load generator* subprocess - so its Python work does not share
+``max_wait_ms`` at its default). A *load generator* subprocess - so its Python work does not share
 the worker's GIL, as a real client would not - runs the levels one after the other,
 doing two things at once in each:
 
@@ -44,12 +44,14 @@ from benchmarks.streaming import (
     serve,
     wait_until,
 )
+from daemon.config import BatchConfig
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-MAX_WAIT_MS = 200
+#: the daemon's default ``EXEMPLAR_BATCH__MAX_WAIT_MS``
+MAX_WAIT_MS = BatchConfig().max_wait_ms
 
 
 def _worker_sums(running: RunningWorker) -> dict[str, float]:

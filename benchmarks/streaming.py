@@ -67,7 +67,7 @@ def fresh_topics(tag: str) -> TopicsConfig:
 
 
 def daemon_settings(
-    kafka: KafkaConfig, topics: TopicsConfig, max_size: int = 64, max_wait_ms: int = 200
+    kafka: KafkaConfig, topics: TopicsConfig, max_size: int = 64, max_wait_ms: int = 100
 ) -> Settings:
     return Settings(
         model_dir=Path("unused"),

@@ -70,7 +70,7 @@ class BatchConfig(_Frozen):
 
     max_size: int = Field(default=64, ge=1, le=4096)
     forward_size: int = Field(default=16, ge=1, le=4096)
-    max_wait_ms: int = Field(default=200, ge=1, le=60_000)
+    max_wait_ms: int = Field(default=100, ge=1, le=60_000)
     max_text_bytes: int = Field(default=20_000, ge=16, le=1_000_000)
 
 
