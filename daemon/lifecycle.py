@@ -106,7 +106,11 @@ class LifecycleService:
         self.metrics = DaemonMetrics.create(
             self.prometheus if role != "curator" else CollectorRegistry()
         )
-        self.lifecycle_metrics = LifecycleMetrics.create(self.prometheus)
+        # Likewise the curator's metrics only where a curator runs (a predictor's own
+        # version is its exemplar_model_info).
+        self.lifecycle_metrics = LifecycleMetrics.create(
+            self.prometheus if role != "predictor" else CollectorRegistry()
+        )
         self.lifecycle_metrics.serving_version.info({"version": self.serving.current.version})
         last = self.state.get("last_promotion_at") if self.state is not None else None
         if last is not None:
