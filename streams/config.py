@@ -43,11 +43,6 @@ _CODEC_AVAILABLE = {
 }
 _CODEC_PACKAGE = {"snappy": "python-snappy", "lz4": "lz4", "zstd": "zstandard"}
 
-# kafka-python's consumer waits this long in a fetch; its request timeout must exceed it.
-# Kafka's default is 500 ms; a broker may hold a fetch that long even when records
-# arrive meanwhile (Tansu does), which the latency benchmark saw as +150 ms at p50.
-FETCH_MAX_WAIT_MS = 100
-
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -85,6 +80,13 @@ class KafkaConfig(BaseModel):
     session_timeout_ms: PositiveInt = 45_000
     heartbeat_interval_ms: PositiveInt = 3_000
     max_poll_interval_ms: PositiveInt = 300_000
+    fetch_max_wait_ms: PositiveInt = Field(
+        default=100,
+        description="How long the broker may hold a fetch for new records (Kafka's default "
+        "is 500). Lower: less latency at light load; the latency benchmark saw p50 fall by "
+        "about 150 ms from 500 to 100, while saturated throughput measured ~5% lower in "
+        "one run (within its noise).",
+    )
 
     acks: Literal["all", "1", "0"] = Field(
         default="all",
@@ -147,9 +149,9 @@ class KafkaConfig(BaseModel):
                 f"session_timeout_ms ({self.session_timeout_ms}), ideally a third of it; "
                 f"lower {_env(KAFKA_ENV_PREFIX, 'heartbeat_interval_ms')}"
             )
-        if self.request_timeout_ms <= FETCH_MAX_WAIT_MS:
+        if self.request_timeout_ms <= self.fetch_max_wait_ms:
             raise ConfigError(
-                f"request_timeout_ms must exceed the fetch wait of {FETCH_MAX_WAIT_MS} ms; "
+                f"request_timeout_ms must exceed fetch_max_wait_ms ({self.fetch_max_wait_ms}); "
                 f"raise {_env(KAFKA_ENV_PREFIX, 'request_timeout_ms')}"
             )
         if self.delivery_timeout_ms < self.linger_ms + self.request_timeout_ms:

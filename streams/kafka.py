@@ -43,7 +43,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from pydantic import BaseModel
 
 from model.errors import BrokerUnavailable, ConfigError, StreamError
-from streams.config import FETCH_MAX_WAIT_MS, TOPICS_ENV_PREFIX, KafkaConfig, TopicsConfig
+from streams.config import TOPICS_ENV_PREFIX, KafkaConfig, TopicsConfig
 from streams.contracts import encode_message
 
 log = structlog.get_logger(__name__)
@@ -165,7 +165,7 @@ def consumer_options(cfg: KafkaConfig, group_id: str | None = None) -> dict[str,
         "session_timeout_ms": cfg.session_timeout_ms,
         "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
         "max_poll_interval_ms": cfg.max_poll_interval_ms,
-        "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
     }
 
 
@@ -470,7 +470,7 @@ class TopicFollower:
             "group_id": None,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
-            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+            "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
         }
         with _translated("connecting follower"):
             self._consumer = KafkaConsumer(**options)
