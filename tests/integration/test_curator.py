@@ -40,11 +40,6 @@ def make_registry(bundle: Path, directory: Path) -> Path:
     return registry.root
 
 
-@pytest.fixture
-def registry_root(tiny_bundle: Path, tmp_path: Path) -> Path:
-    return make_registry(tiny_bundle, tmp_path)
-
-
 def lifecycle_settings(
     model_dir: Path, kafka: KafkaConfig, topics: TopicsConfig, **curator: Any
 ) -> Settings:
@@ -73,11 +68,6 @@ def service_starter() -> Iterator[Callable[..., LifecycleService]]:
     yield start
     for service in started:
         service.stop()
-
-
-@pytest.fixture
-def start_service() -> Iterator[Callable[..., LifecycleService]]:
-    yield from service_starter()
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 60.0) -> Any:

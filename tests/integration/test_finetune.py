@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,26 +31,14 @@ from streams.kafka import ensure_topics
 from tests.integration.test_curator import (
     ODD_TEXT,
     lifecycle_settings,
-    make_registry,
     message,
     other_label,
     send,
-    service_starter,
     steady_stream,
     wait_for,
 )
 from tests.integration.test_daemon import outputs_by_id, read_topic
 from tests.model_fixtures import toy_corpus
-
-
-@pytest.fixture
-def registry_root(tiny_bundle: Path, tmp_path: Path) -> Path:
-    return make_registry(tiny_bundle, tmp_path)
-
-
-@pytest.fixture
-def start_service() -> Iterator[Callable[..., LifecycleService]]:
-    yield from service_starter()
 
 
 @pytest.mark.slow

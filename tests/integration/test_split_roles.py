@@ -40,11 +40,9 @@ from streams.config import KafkaConfig, TopicsConfig
 from streams.kafka import ensure_topics
 from tests.integration.test_curator import (
     ODD_TEXT,
-    make_registry,
     message,
     other_label,
     send,
-    service_starter,
     steady_stream,
     wait_for,
 )
@@ -82,16 +80,6 @@ def qdrant() -> Iterator[SerializedClient]:
     client = QdrantClient(":memory:")
     yield SerializedClient(client)
     client.close()
-
-
-@pytest.fixture
-def registry_root(tiny_bundle: Path, tmp_path: Path) -> Path:
-    return make_registry(tiny_bundle, tmp_path)
-
-
-@pytest.fixture
-def start_service() -> Iterator[Callable[..., LifecycleService]]:
-    yield from service_starter()
 
 
 def role_settings(
