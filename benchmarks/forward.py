@@ -48,7 +48,7 @@ from torch import nn
 from benchmarks.common import BATCH, Context, batches, torch_threads
 from model.admission import Thresholds, decide, softmax_margin
 from model.data import read_examples
-from model.network import Encoded, ExemplarNetwork, tokenize
+from model.network import ExemplarNetwork, tokenize
 from model.predictor import Predictor
 from model.store.base import ExemplarStore
 from model.train import length_sorted_batches
@@ -87,28 +87,6 @@ def variants(forward_size: int) -> tuple[Variant, ...]:
         Variant("bf16 encoder, fp32 head", weights="bf16_encoder"),
         Variant("bf16 encoder, fp32 head, 1 torch thread", weights="bf16_encoder", threads=1),
         Variant("int8 dynamic (encoder Linear)", weights="int8"),
-    )
-
-
-def tokenize_fixed(tokenizer: Any, texts: list[str], max_length: int) -> Encoded:
-    """``model.network.tokenize`` but padded to ``max_length`` (what dynamic padding avoids)."""
-    enc = tokenizer(
-        texts,
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
-    attention = enc["attention_mask"].bool()
-    token_mask = attention & ~enc["special_tokens_mask"].bool()
-    return Encoded(
-        enc["input_ids"],
-        enc["attention_mask"],
-        token_mask,
-        enc["offset_mapping"],
-        [enc.word_ids(i) for i in range(len(texts))],
     )
 
 
@@ -162,10 +140,7 @@ def run_variant(
             for chunk_idx in length_sorted_batches(micro, v.chunk or forward_size):
                 idx = [start + i for i in chunk_idx]
                 chunk = [texts[i] for i in idx]
-                if v.padding == "max_length":
-                    enc = tokenize_fixed(tokenizer, chunk, net.config.max_length)
-                else:
-                    enc = tokenize(tokenizer, chunk, net.config.max_length)
+                enc = tokenize(tokenizer, chunk, net.config.max_length, v.padding == "max_length")
                 out = net(enc)
                 probs[idx] = torch.softmax(out.logits.float(), dim=1).numpy()
                 zs[idx] = out.exemplar.float().numpy()

@@ -573,7 +573,7 @@ class FinetuneRunner:
                 # The alias first: if it cannot flip, nothing changed. The SERVING
                 # pointer, which predictors follow, flips last; should that write fail,
                 # the alias goes back.
-                config = self.serving.store_config
+                config = self.serving.settings.store
                 old_alias = point_serving_alias(config, new.store)
                 try:
                     previous = self.registry.promote(version)

@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry
 
-from daemon.app import configure_compute, install_stop_handlers
+from daemon.app import install_stop_handlers
 from daemon.config import Settings
 from daemon.curator import CuratorWorker, DecisionApplier
 from daemon.finetune import FinetuneRunner, FinetuneScheduler
@@ -75,7 +75,6 @@ class LifecycleService:
         backoff = backoff or Backoff()
         self.health = health or Health()
         self.prometheus = registry or CollectorRegistry()
-        configure_compute(settings.compute)
         bundle_path, model_registry = resolve_model_dir(settings.model_dir)
         # The state and the staging area are the curator's; a predictor of a split
         # deployment shares the registry directory and must not touch them.

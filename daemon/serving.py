@@ -83,7 +83,6 @@ class ServingModel:
         self.current = current
         self.registry = registry
         self.settings = settings
-        self.store_config = settings.store
         self.store_client = store_client
         self.publish = publish
         self.lock = threading.RLock()

@@ -113,11 +113,14 @@ class Encoded:
     word_ids: list[list[int | None]]
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> Encoded:
-    """Tokenize with dynamic padding (to the longest text of the batch, not max_length)."""
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, pad_to_max: bool = False
+) -> Encoded:
+    """Tokenize with dynamic padding (to the longest text of the batch, not max_length);
+    ``pad_to_max`` pads every text to ``max_length`` (benchmarks compare the two)."""
     enc = tokenizer(
         texts,
-        padding=True,
+        padding="max_length" if pad_to_max else True,
         truncation=True,
         max_length=max_length,
         return_tensors="pt",
