@@ -28,7 +28,7 @@ from daemon.state import LifecycleState
 from model.registry import Registry
 from streams.config import KafkaConfig, TopicsConfig
 from streams.kafka import ensure_topics
-from tests.integration.test_daemon import produce, read_topic
+from tests.integration.test_daemon import outputs_by_id, produce, read_topic
 
 ODD_TEXT = "Quarterly invoice attached, please remit payment by Friday."
 
@@ -122,6 +122,22 @@ def steady_stream(bootstrap: str, topic: str, texts: list[str]) -> Iterator[list
     finally:
         stop.set()
         streamer.join()
+
+
+def assert_served_across_the_swap(
+    bootstrap: str, topics: TopicsConfig, sent: list[str], expect: int, versions: set[str]
+) -> None:
+    """Every sent event came out exactly once, and both versions served some of them."""
+    seen = outputs_by_id(bootstrap, topics, expect=expect, timeout_s=90)
+    missing = set(sent) - set(seen)
+    assert not missing, f"lost {len(missing)} events"
+    assert all(len(roles) == 1 for roles in seen.values())
+    served = {
+        json.loads(r.value)["model_version"]
+        for role in ("output", "adjudication")
+        for r in read_topic(bootstrap, getattr(topics, role), 0, 3.0)
+    }
+    assert served == versions  # served by both, around the swap
 
 
 def other_label(labels: list[str], label: str) -> str:

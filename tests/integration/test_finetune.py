@@ -30,6 +30,7 @@ from streams.config import KafkaConfig, TopicsConfig
 from streams.kafka import ensure_topics
 from tests.integration.test_curator import (
     ODD_TEXT,
+    assert_served_across_the_swap,
     lifecycle_settings,
     message,
     other_label,
@@ -37,7 +38,7 @@ from tests.integration.test_curator import (
     steady_stream,
     wait_for,
 )
-from tests.integration.test_daemon import outputs_by_id, read_topic
+from tests.integration.test_daemon import read_topic
 from tests.model_fixtures import toy_corpus
 
 
@@ -97,16 +98,9 @@ def test_candidates_trigger_a_fine_tune_that_is_promoted_and_swapped_in_mid_stre
         wait_for(lambda: service.worker.predictor.version == new_version, 30)  # type: ignore[union-attr]
         time.sleep(1.5)  # keep streaming through and past the swap
 
-    seen = outputs_by_id(kafka_broker, unique_topics, expect=len(sent) + 1, timeout_s=90)
-    missing = set(sent) - set(seen)
-    assert not missing, f"lost {len(missing)} events"
-    assert all(len(roles) == 1 for roles in seen.values())
-    versions = {
-        json.loads(r.value)["model_version"]
-        for role in ("output", "adjudication")
-        for r in read_topic(kafka_broker, getattr(unique_topics, role), 0, 3.0)
-    }
-    assert versions == {old_version, new_version}  # served by both, around the swap
+    assert_served_across_the_swap(
+        kafka_broker, unique_topics, sent, len(sent) + 1, {old_version, str(new_version)}
+    )
 
     updates = [
         json.loads(r.value) for r in read_topic(kafka_broker, unique_topics.model_updates, 1)

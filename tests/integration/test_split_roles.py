@@ -40,6 +40,7 @@ from streams.config import KafkaConfig, TopicsConfig
 from streams.kafka import ensure_topics
 from tests.integration.test_curator import (
     ODD_TEXT,
+    assert_served_across_the_swap,
     message,
     other_label,
     send,
@@ -248,16 +249,9 @@ def test_a_promotion_by_the_curator_reaches_a_separate_predictor_mid_stream(
         wait_for(lambda: worker.predictor.version == new_version, 30)
         time.sleep(1.5)  # keep streaming through and past the swap
 
-    seen = outputs_by_id(kafka_broker, unique_topics, expect=len(sent), timeout_s=90)
-    missing = set(sent) - set(seen)
-    assert not missing, f"lost {len(missing)} events"
-    assert all(len(roles) == 1 for roles in seen.values())
-    versions = {
-        json.loads(r.value)["model_version"]
-        for role in ("output", "adjudication")
-        for r in read_topic(kafka_broker, getattr(unique_topics, role), 0, 3.0)
-    }
-    assert versions == {old_version, new_version}
+    assert_served_across_the_swap(
+        kafka_broker, unique_topics, sent, len(sent), {old_version, str(new_version)}
+    )
     announced = [
         json.loads(r.value)["version"]
         for r in read_topic(kafka_broker, unique_topics.model_updates, 0, 2.0)
